@@ -1,0 +1,3 @@
+"""instseg: pure-PyTorch instance segmentation."""
+
+__version__ = "0.1.0"
