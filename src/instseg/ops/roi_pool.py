@@ -29,7 +29,11 @@ from ._common import (
 
 
 def _round_half_away(v: Tensor) -> Tensor:
-    return torch.sign(v) * torch.floor(v.abs() + 0.5)
+    """C's ``std::round``. ``floor(|v| + 0.5)`` would round 0.49999999999999994 up, since the
+    addition rounds; ``|v| - floor(|v|)`` is exact."""
+    magnitude = v.abs()
+    whole = torch.floor(magnitude)
+    return torch.sign(v) * (whole + (magnitude - whole >= 0.5).to(v.dtype))
 
 
 def roi_pool(
