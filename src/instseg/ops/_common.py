@@ -24,7 +24,7 @@ def pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
         if len(items) != 2:
             raise ValueError(f"{name} must be an int or a pair (h, w), got {value!r}")
         h, w = items
-    if not (isinstance(h, int) and isinstance(w, int)) or isinstance(h, bool):
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (h, w)):
         raise ValueError(f"{name} must hold ints, got {value!r}")
     if h <= 0 or w <= 0:
         raise ValueError(f"{name} must be positive, got {value!r}")
