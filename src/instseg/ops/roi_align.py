@@ -1,11 +1,13 @@
 """RoIAlign with the numbers of ``torchvision.ops.roi_align`` (spec §1.1), in pure PyTorch.
 
 Each output bin averages ``gh * gw`` bilinear samples taken on a regular grid inside the bin.
-A bilinear sample is a weighted sum of four feature pixels, so a whole bin is a weighted sum
-of ``4 * gh * gw`` rows of the ``(B*H*W, C)`` feature table: one ``embedding_bag`` call
-evaluates every bin of every RoI at once, never materialising per-sample channel vectors,
-and its autograd gives the feature gradient. Adaptive sampling (``sampling_ratio <= 0``)
-gives each RoI its own grid size; the samples are enumerated as one ragged range.
+Sampling grid, bilinear weights and validity rule are all separable in y and x, so a bin is
+a weighted sum of (row tap x column tap) pixels, at most ``(gh + 1) * (gw + 1)`` of them for
+adaptive sampling instead of ``4 * gh * gw`` corner reads. Every bin is a weighted sum of
+rows of the ``(B*H*W, C)`` feature table: one ``embedding_bag`` call evaluates every bin of
+every RoI at once, never materialising per-sample channel vectors, and its autograd gives
+the feature gradient. Adaptive sampling (``sampling_ratio <= 0``) gives each RoI its own
+grid size; the bins are enumerated as one ragged range.
 """
 
 from __future__ import annotations
@@ -44,6 +46,62 @@ def _bilinear_corners(coord: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor,
     high = torch.where(at_edge, low, low + 1)
     frac = torch.where(at_edge, torch.zeros_like(coord), coord - low.to(coord.dtype))
     return valid, low, high, 1.0 - frac, frac
+
+
+def _axis_taps(
+    start: Tensor, bin_size: Tensor, grid: Tensor, bins: int, size: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The pixels ("taps") each bin reads along one axis, and their weights.
+
+    The samples of a bin form a ``grid_h x grid_w`` tensor product and the bilinear weights
+    and the validity rule are separable, so a bin's average is
+    ``sum_{r, c} wy[r] * wx[c] * F[r, c]``: a weighted sum over row taps times column taps.
+    Each sample touches two pixels per axis; along the axis the taps of one bin are stored
+    either as that list (``2 * grid`` entries) or, when shorter, as the dense pixel range they
+    span with the weights of shared pixels summed (at most ``grid + 1`` entries when samples
+    are at most one pixel apart, as adaptive sampling guarantees).
+
+    Returns ``(pixels, weights, counts)``: ``(K, bins, T)`` pixel indices and weights (the
+    weights include the ``1 / grid`` of the average and zero for invalid samples), and the
+    ``(K, bins)`` number of meaningful taps in each bin.
+    """
+    k = start.shape[0]
+    samples = max(int(grid.max()), 1)
+    step = torch.arange(samples, device=start.device)
+    bin_index = torch.arange(bins, device=start.device)
+    size_ = bin_size[:, None, None]
+    # torchvision's order of operations: start + b * bin + (i + 0.5) * bin / grid.
+    coord = (start[:, None, None] + bin_index[:, None] * size_) + (
+        (step + 0.5) * size_ / grid.clamp(min=1)[:, None, None]
+    )  # (K, bins, samples)
+    active = (step < grid[:, None, None]).expand(k, bins, samples)
+    valid, low, high, w_low, w_high = _bilinear_corners(coord, size)
+    used = valid & active
+    scale = used.to(coord.dtype) / grid.clamp(min=1).to(coord.dtype)[:, None, None]
+    w_low, w_high = w_low * scale, w_high * scale
+
+    # Dense pixel range of the used samples, with shared pixels' weights summed.
+    first = torch.where(used, low, size).amin(-1)
+    last = torch.where(used, high, -1).amax(-1)
+    span = (last - first + 1).clamp(min=0)
+    width = 2 * samples
+    as_range = span <= 2 * grid[:, None]
+    offset_low = (low - first[..., None]).clamp(0, width - 1)
+    offset_high = (high - first[..., None]).clamp(0, width - 1)
+    mask = as_range[..., None].to(coord.dtype)
+    range_weights = torch.zeros(k, bins, width, dtype=coord.dtype, device=coord.device)
+    range_weights.scatter_add_(-1, offset_low, w_low * mask)
+    range_weights.scatter_add_(-1, offset_high, w_high * mask)
+    range_pixels = (first[..., None] + torch.arange(width, device=start.device)).clamp(0, size - 1)
+    # Otherwise the list of both taps of every sample, interleaved.
+    list_pixels = torch.stack([low, high], -1).reshape(k, bins, width)
+    list_weights = torch.stack([w_low, w_high], -1).reshape(k, bins, width)
+
+    counts = torch.where(as_range, span, 2 * grid[:, None].expand(k, bins))
+    taps = max(int(counts.max()), 1)
+    pixels = torch.where(as_range[..., None], range_pixels, list_pixels)[..., :taps]
+    weights = torch.where(as_range[..., None], range_weights, list_weights)[..., :taps]
+    return pixels, weights, counts
 
 
 def roi_align(
@@ -94,37 +152,27 @@ def roi_align(
         # An inverted aligned box has a negative size: no samples, the bin reads 0.
         grid_h = torch.ceil(roi_h / ph).long().clamp(min=0)
         grid_w = torch.ceil(roi_w / pw).long().clamp(min=0)
-    samples_per_bin = grid_h * grid_w
+    rows, row_weights, row_counts = _axis_taps(y1, bin_h, grid_h, ph, height)
+    cols, col_weights, col_counts = _axis_taps(x1, bin_w, grid_w, pw, width)
 
-    # Every sample of every bin of every RoI, ordered (roi, ph, pw, iy, ix).
-    roi, rank = ragged_arange(samples_per_bin * (ph * pw))
-    gw, gh = grid_w[roi], grid_h[roi]
-    ix = rank % gw
-    rank = rank // gw
-    iy = rank % gh
-    rank = rank // gh
-    bx = rank % pw
-    by = rank // pw
-    bh, bw = bin_h[roi], bin_w[roi]
-    y = y1[roi] + by * bh + (iy + 0.5) * bh / gh
-    x = x1[roi] + bx * bw + (ix + 0.5) * bw / gw
+    # A bin is the outer product of its row taps and column taps: enumerate every pair of
+    # every bin of every RoI as one ragged range, ordered (roi, ph, pw, row tap, col tap).
+    bag_sizes = (row_counts[:, :, None] * col_counts[:, None, :]).reshape(-1)
+    bag, rank = ragged_arange(bag_sizes)
+    roi = bag // (ph * pw)
+    by = (bag // pw) % ph
+    bx = bag % pw
+    n_cols = col_counts[roi, bx]
+    ty, tx = rank // n_cols, rank % n_cols
+    image = rois[:, 0].detach().long()[roi]
+    index = (image * height + rows[roi, by, ty]) * width + cols[roi, bx, tx]
+    weight = row_weights[roi, by, ty] * col_weights[roi, bx, tx]
 
-    valid_y, y_lo, y_hi, wy_lo, wy_hi = _bilinear_corners(y, height)
-    valid_x, x_lo, x_hi, wx_lo, wx_hi = _bilinear_corners(x, width)
-    scale = (valid_y & valid_x).to(dtype) / samples_per_bin[roi].clamp(min=1).to(dtype)
-    base = rois[roi, 0].detach().long() * height
-    rows_lo = (base + y_lo) * width
-    rows_hi = (base + y_hi) * width
-    index = torch.stack([rows_lo + x_lo, rows_lo + x_hi, rows_hi + x_lo, rows_hi + x_hi], 1)
-    weight = torch.stack([wy_lo * wx_lo, wy_lo * wx_hi, wy_hi * wx_lo, wy_hi * wx_hi], 1)
-    weight = weight * scale[:, None]
-
-    bag_sizes = torch.repeat_interleave(4 * samples_per_bin, ph * pw)
     pooled = F.embedding_bag(
-        index.reshape(-1),
+        index,
         channels_last_table(input, dtype),
         offsets=bag_offsets(bag_sizes),
-        per_sample_weights=weight.reshape(-1),
+        per_sample_weights=weight,
         mode="sum",
     )
     return bags_to_nchw(pooled, k, ph, pw, input.dtype)
