@@ -110,7 +110,9 @@ def channels_last_table(input: Tensor, dtype: torch.dtype) -> Tensor:
 def bags_to_nchw(rows: Tensor, k: int, ph: int, pw: int, dtype: torch.dtype) -> Tensor:
     """``(K*ph*pw, C)`` per-bin rows back to a contiguous ``(K, C, ph, pw)`` tensor."""
     c = rows.shape[-1]
-    return rows.view(k, ph, pw, c).permute(0, 3, 1, 2).contiguous().to(dtype)
+    return (
+        rows.view(k, ph, pw, c).permute(0, 3, 1, 2).to(dtype, memory_format=torch.contiguous_format)
+    )
 
 
 def ragged_arange(counts: Tensor) -> tuple[Tensor, Tensor]:

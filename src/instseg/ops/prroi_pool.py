@@ -32,6 +32,60 @@ def _accumulation_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+class _PrefixSumTable(torch.autograd.Function):
+    """The 2-D inclusive prefix sums of a ``(B, C, H, W)`` map as a ``(B*(H+1)*(W+1), C)``
+    row table (channels last, for ``embedding_bag``), in ``dtype``.
+
+    Row/column 0 of each image stand for index -1 and hold zeros. The backward is the
+    reverse 2-D prefix sum of the incoming gradient. Written as one Function so that
+    forward and backward are a handful of in-place passes over the map instead of the
+    chain of copies that autograd through ``to``/``cumsum``/``pad``/``permute`` makes.
+    """
+
+    @staticmethod
+    def forward(ctx, features: Tensor, dtype: torch.dtype) -> Tensor:
+        batch, channels, height, width = features.shape
+        table = features.new_zeros((batch, height + 1, width + 1, channels), dtype=dtype)
+        table[:, 1:, 1:].copy_(features.permute(0, 2, 3, 1))
+        table.cumsum_(1)
+        table.cumsum_(2)
+        ctx.features_dtype = features.dtype
+        ctx.shape = (batch, channels, height, width)
+        return table.view(-1, channels)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        batch, channels, height, width = ctx.shape
+        grad = grad.reshape(batch, height + 1, width + 1, channels)[:, 1:, 1:].flip((1, 2))
+        grad.cumsum_(1)
+        grad.cumsum_(2)
+        grad = grad.flip((1, 2)).permute(0, 3, 1, 2)
+        return grad.to(dtype=ctx.features_dtype, memory_format=torch.contiguous_format), None
+
+
+class _CornerDifference(torch.autograd.Function):
+    """Bin integrals ``G[q+1, p+1] - G[q, p+1] - G[q+1, p] + G[q, p]`` from ``(K, PH+1, PW+1, C)``
+    corner values. One Function so that the backward is four in-place adds into one buffer
+    rather than four zero-filled slice gradients."""
+
+    @staticmethod
+    def forward(ctx, corners: Tensor) -> Tensor:
+        out = corners[:, 1:, 1:] - corners[:, :-1, 1:]
+        out -= corners[:, 1:, :-1]
+        out += corners[:, :-1, :-1]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        k, ph, pw, channels = grad.shape
+        corners = grad.new_zeros((k, ph + 1, pw + 1, channels))
+        corners[:, 1:, 1:] += grad
+        corners[:, :-1, 1:] -= grad
+        corners[:, 1:, :-1] -= grad
+        corners[:, :-1, :-1] += grad
+        return corners
+
+
 def _spline_taps(coord: Tensor, size: int) -> tuple[Tensor, Tensor]:
     """Prefix-sum rows (shifted by one for the zero pad) and weights of ``G`` along one axis.
 
@@ -70,15 +124,13 @@ def prroi_pool2d(
     check_feature_map(features, "features")
     rois = as_rois(rois, features, "rois")
     ph, pw = pair((pooled_height, pooled_width), "(pooled_height, pooled_width)")
-    batch, channels, height, width = features.shape
+    _, channels, height, width = features.shape
     k = rois.shape[0]
     if k == 0:
         return empty_output(features, channels, ph, pw)
 
     acc = _accumulation_dtype(features.device)
-    prefix = features.to(acc).cumsum(2).cumsum(3)
-    prefix = F.pad(prefix, (1, 0, 1, 0))  # row/column 0 stand for index -1: all zero
-    table = prefix.permute(0, 2, 3, 1).reshape(batch * (height + 1) * (width + 1), channels)
+    table = _PrefixSumTable.apply(features, acc)
 
     r = rois.to(acc)
     x0, y0 = r[:, 1] * spatial_scale, r[:, 2] * spatial_scale
@@ -95,18 +147,19 @@ def prroi_pool2d(
     # 9 prefix-sum taps for each of the (PH+1)(PW+1) bin corners: (K, PH+1, PW+1, 3, 3).
     image_rows = rois[:, 0].detach().long()[:, None, None] * (height + 1) + rows_y  # (K, PH+1, 3)
     index = image_rows[:, :, None, :, None] * (width + 1) + rows_x[:, None, :, None, :]
-    weight = wts_y[:, :, None, :, None] * wts_x[:, None, :, None, :]
+    # Dividing by the bin area is folded into the weights; a zero-area bin gets weight 0.
+    area = bin_w * bin_h
+    positive = area > 0
+    inv_area = torch.where(positive, 1 / torch.where(positive, area, 1.0), 0.0)
+    weight = (
+        wts_y[:, :, None, :, None]
+        * wts_x[:, None, :, None, :]
+        * inv_area[:, None, None, None, None]
+    )
     corners = F.embedding_bag(
         index.reshape(-1, 9), table, per_sample_weights=weight.reshape(-1, 9), mode="sum"
     ).view(k, ph + 1, pw + 1, channels)
-
-    integral = corners[:, 1:, 1:] - corners[:, :-1, 1:] - corners[:, 1:, :-1] + corners[:, :-1, :-1]
-    area = bin_w * bin_h
-    positive = area > 0
-    safe_area = torch.where(positive, area, torch.ones_like(area))
-    pooled = torch.where(
-        positive[:, None, None, None], integral / safe_area[:, None, None, None], 0.0
-    )
+    pooled = _CornerDifference.apply(corners)
     return bags_to_nchw(pooled.reshape(k * ph * pw, channels), k, ph, pw, features.dtype)
 
 
