@@ -13,8 +13,9 @@ weights of the fractional parts). A RoI with ``PH x PW`` bins needs ``G`` only o
 cost per RoI is independent of its size, one ``embedding_bag`` call evaluates all corners of
 all RoIs, and plain autograd through the spline weights gives the continuous gradient with
 respect to the four box coordinates (spec §6.4); the feature gradient (§6.3) is the
-reverse prefix sum of the gradient reaching the table. ``S`` is kept in float64 (float32 prefix sums over large
-maps lose about 1e-2 relative precision), except on devices without float64 (MPS).
+reverse prefix sum of the gradient reaching the table. ``S`` is kept in float64 (float32
+prefix sums over large maps lose about 1e-2 relative precision), except on devices without
+float64 (MPS).
 """
 
 from __future__ import annotations
