@@ -1,0 +1,108 @@
+"""The few containers that flow between stages.
+
+``ImageBatch`` + one ``InstanceTargets`` per image go into a detector during training; one
+``Instances`` per image comes out of it at inference. ``ImageInfo`` carries what is needed to
+map predictions back to the original image and dataset ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class ImageBatch:
+    """Normalised images padded to a common size (a multiple of the size divisor).
+
+    ``tensor`` is ``(B, 3, H, W)`` float; ``image_sizes[i] = (h, w)`` is the extent of image i
+    inside the padding (after resizing).
+    """
+
+    tensor: Tensor
+    image_sizes: list[tuple[int, int]]
+
+    def __len__(self) -> int:
+        return self.tensor.shape[0]
+
+    def to(self, device: torch.device | str) -> ImageBatch:
+        return ImageBatch(self.tensor.to(device, non_blocking=True), list(self.image_sizes))
+
+
+@dataclass
+class ImageInfo:
+    """Where an image came from and how it was transformed.
+
+    ``scale = (sy, sx)`` maps original pixel coordinates to the resized image:
+    ``x_resized = x_original * sx``; ``flipped`` means a horizontal flip after resizing.
+    """
+
+    image_id: int
+    file_name: str
+    original_size: tuple[int, int]
+    image_size: tuple[int, int]
+    scale: tuple[float, float] = (1.0, 1.0)
+    flipped: bool = False
+
+
+@dataclass
+class InstanceTargets:
+    """Ground truth of one image, in the resized (and possibly flipped) image frame.
+
+    ``labels`` are contiguous class indices ``0..num_classes-1``; ``masks`` is ``(N, h, w)``
+    bool at the image size (not padded) or None for box-only data; ``ignore_boxes`` are the
+    crowd regions (``iscrowd: 1``), never training targets.
+    """
+
+    boxes: Tensor
+    labels: Tensor
+    masks: Tensor | None = None
+    ignore_boxes: Tensor = field(default_factory=lambda: torch.zeros(0, 4))
+
+    def __len__(self) -> int:
+        return self.boxes.shape[0]
+
+    def to(self, device: torch.device | str) -> InstanceTargets:
+        return InstanceTargets(
+            self.boxes.to(device),
+            self.labels.to(device),
+            None if self.masks is None else self.masks.to(device),
+            self.ignore_boxes.to(device),
+        )
+
+
+@dataclass
+class Instances:
+    """Predictions for one image: ``boxes (N, 4)`` xyxy, ``scores (N,)``, ``labels (N,)``
+    contiguous class indices, and optionally ``masks (N, H, W)`` bool, all in one frame (the
+    original image after post-processing)."""
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    masks: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.boxes.shape[0]
+
+    def __getitem__(self, index: Tensor | slice) -> Instances:
+        return Instances(
+            self.boxes[index],
+            self.scores[index],
+            self.labels[index],
+            None if self.masks is None else self.masks[index],
+        )
+
+    def to(self, device: torch.device | str) -> Instances:
+        return replace(
+            self,
+            boxes=self.boxes.to(device),
+            scores=self.scores.to(device),
+            labels=self.labels.to(device),
+            masks=None if self.masks is None else self.masks.to(device),
+        )
+
+
+__all__ = ["ImageBatch", "ImageInfo", "InstanceTargets", "Instances"]
