@@ -1,0 +1,123 @@
+"""Batching: padding collate and an aspect-ratio grouped, resumable batch order.
+
+The batch order of every epoch is a pure function of ``(seed, epoch)``, and each sample
+carries its own random seed (for scale choice and flip), so iteration ``i`` of a run always
+sees the same batch with the same augmentation: a resumed run continues exactly, whatever
+the number of loader workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..structures import ImageBatch, ImageInfo, InstanceTargets
+
+Sample = tuple[Tensor, InstanceTargets, ImageInfo]
+
+
+def pad_images(images: Sequence[Tensor], size_divisor: int = 32) -> ImageBatch:
+    """Stack ``(3, h, w)`` images into one zero-padded batch whose size is a multiple of
+    ``size_divisor``."""
+    if not images:
+        raise ValueError("cannot batch zero images")
+    sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+    height = -(-max(h for h, _ in sizes) // size_divisor) * size_divisor
+    width = -(-max(w for _, w in sizes) // size_divisor) * size_divisor
+    tensor = torch.stack(
+        [F.pad(im, (0, width - w, 0, height - h)) for im, (h, w) in zip(images, sizes, strict=True)]
+    )
+    return ImageBatch(tensor, sizes)
+
+
+def make_collate(size_divisor: int = 32):
+    """A collate function for :class:`~instseg.data.coco.CocoDataset` samples."""
+
+    def collate(samples: list[Sample]) -> tuple[ImageBatch, list[InstanceTargets], list[ImageInfo]]:
+        images, targets, infos = zip(*samples, strict=True)
+        return pad_images(images, size_divisor), list(targets), list(infos)
+
+    return collate
+
+
+class GroupedBatchSampler(torch.utils.data.Sampler):
+    """Batches of images of the same orientation (landscape or portrait), shuffled per epoch.
+
+    Grouping by aspect ratio keeps padding small (mmdet ``GroupSampler``). Yields lists of
+    ``(dataset_index, sample_seed)``. ``batches(epoch)`` is deterministic given ``seed``;
+    ``start_batch`` skips the first batches of the first epoch, for resuming mid-epoch.
+    """
+
+    def __init__(
+        self,
+        aspect_ratios: Sequence[float],
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.groups = [
+            [i for i, r in enumerate(aspect_ratios) if r >= 1],
+            [i for i, r in enumerate(aspect_ratios) if r < 1],
+        ]
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.start_batch = 0
+
+    def batches(self, epoch: int) -> list[list[tuple[int, int]]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        batches: list[list[int]] = []
+        for group in self.groups:
+            order = (
+                [group[i] for i in torch.randperm(len(group), generator=g)]
+                if self.shuffle
+                else group
+            )
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start : start + self.batch_size]
+                if len(batch) == self.batch_size or not self.drop_last:
+                    batches.append(batch)
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=g)]
+        seeds = torch.randint(0, 2**31 - 1, (sum(len(b) for b in batches),), generator=g).tolist()
+        it = iter(seeds)
+        return [[(i, next(it)) for i in batch] for batch in batches]
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        yield from self.batches(self.epoch)[self.start_batch :]
+
+    def __len__(self) -> int:
+        return len(self.batches(self.epoch)) - self.start_batch
+
+
+def build_loader(
+    dataset,
+    batch_size: int,
+    train: bool,
+    seed: int = 0,
+    num_workers: int = 0,
+    size_divisor: int = 32,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader over ``dataset`` with grouped batches (shuffled when ``train``)."""
+    sampler = GroupedBatchSampler(
+        [r.aspect_ratio for r in dataset.records], batch_size, shuffle=train, seed=seed
+    )
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=make_collate(size_divisor),
+        num_workers=num_workers,
+        persistent_workers=False,
+    )

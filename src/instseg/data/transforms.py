@@ -1,0 +1,118 @@
+"""Image and target transforms (mmdet semantics), deterministic given a generator.
+
+Training: keep-ratio resize to a scale chosen per image from ``scales`` (single- or
+multi-scale), horizontal flip with probability ``flip_prob``, normalisation. Testing: the
+first scale, no flip. Padding to a multiple of ``size_divisor`` happens when batching
+(:func:`instseg.data.loader.collate`), after normalisation, so padding is zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..structures import ImageInfo, InstanceTargets
+from .coco import ImageRecord, decode_masks
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass
+class TransformConfig:
+    """``scales`` are ``(long_edge, short_edge)`` limits; training picks one per image."""
+
+    scales: tuple[tuple[int, int], ...] = ((1333, 800),)
+    flip_prob: float = 0.5
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    size_divisor: int = 32
+
+    def __post_init__(self) -> None:
+        self.scales = tuple(tuple(int(v) for v in s) for s in self.scales)  # type: ignore[assignment]
+        if not self.scales or any(len(s) != 2 or min(s) <= 0 for s in self.scales):
+            raise ValueError(f"scales must be (long, short) pairs of positive ints: {self.scales}")
+        if not 0.0 <= self.flip_prob <= 1.0:
+            raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError("mean and std must be 3 values, std positive")
+        if self.size_divisor <= 0:
+            raise ValueError(f"size_divisor must be positive, got {self.size_divisor}")
+
+
+def rescaled_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
+    """Keep-ratio size fitting ``scale = (long, short)``: mmcv's ``rescale_size``."""
+    long_edge, short_edge = max(scale), min(scale)
+    factor = min(long_edge / max(height, width), short_edge / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize of a ``(3, H, W)`` float image (half-pixel centres, no antialias)."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+class DetectionTransform:
+    """Turns a decoded image and its record into ``(image, targets, info)``."""
+
+    def __init__(self, cfg: TransformConfig, train: bool) -> None:
+        self.cfg = cfg
+        self.train = train
+        self.mean = torch.tensor(cfg.mean).view(3, 1, 1)
+        self.std = torch.tensor(cfg.std).view(3, 1, 1)
+
+    def __call__(
+        self, image: np.ndarray, record: ImageRecord, dataset: Any, rng: torch.Generator
+    ) -> tuple[Tensor, InstanceTargets, ImageInfo]:
+        height, width = record.height, record.width
+        if self.train and len(self.cfg.scales) > 1:
+            choice = int(torch.randint(len(self.cfg.scales), (1,), generator=rng))
+        else:
+            choice = 0
+        new_h, new_w = rescaled_size(height, width, self.cfg.scales[choice])
+        flip = self.train and float(torch.rand((), generator=rng)) < self.cfg.flip_prob
+        sy, sx = new_h / height, new_w / width
+
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+        tensor = resize_image(tensor, (new_h, new_w))
+        scale = torch.tensor([sx, sy, sx, sy])
+        boxes = torch.from_numpy(record.boxes) * scale
+        ignore = torch.from_numpy(record.crowd_boxes) * scale
+        masks = None
+        if dataset.with_masks:
+            masks = decode_masks(record.segmentations, height, width, (new_h, new_w))
+        if flip:
+            tensor = tensor.flip(-1)
+            boxes = torch.stack(
+                [new_w - boxes[:, 2], boxes[:, 1], new_w - boxes[:, 0], boxes[:, 3]], 1
+            )
+            ignore = torch.stack(
+                [new_w - ignore[:, 2], ignore[:, 1], new_w - ignore[:, 0], ignore[:, 3]], 1
+            )
+            if masks is not None:
+                masks = masks.flip(-1)
+        limits = torch.tensor([new_w, new_h, new_w, new_h], dtype=boxes.dtype)
+        boxes = torch.minimum(boxes.clamp(min=0), limits)
+        tensor = (tensor - self.mean) / self.std
+        targets = InstanceTargets(
+            boxes=boxes.float(),
+            labels=torch.from_numpy(dataset.labels_of(record)),
+            masks=masks,
+            ignore_boxes=ignore.float(),
+        )
+        info = ImageInfo(
+            image_id=record.image_id,
+            file_name=record.file_name,
+            original_size=(height, width),
+            image_size=(new_h, new_w),
+            scale=(sy, sx),
+            flipped=flip,
+        )
+        return tensor, targets, info
