@@ -1,0 +1,91 @@
+"""Normalisation layers for backbones and heads, chosen by a short name in typed configs.
+
+``FrozenBatchNorm2d`` is a BatchNorm whose statistics and affine terms are fixed buffers:
+detectors fine-tune from ImageNet weights with a few images per GPU, too few for useful
+batch statistics. Its state-dict keys match ``nn.BatchNorm2d`` (less ``num_batches_tracked``)
+so ImageNet checkpoints load into either.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+NORM_KINDS: tuple[str, ...] = ("FrozenBN", "BN", "SyncBN", "GN")
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias`` with fixed buffers.
+
+    Equal to ``nn.BatchNorm2d`` in eval mode with the same statistics, in any mode. Nothing
+    here is a parameter, so nothing is trained and no optimizer sees it.
+    """
+
+    weight: Tensor
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        if num_features <= 0:
+            raise ValueError(f"num_features must be positive, got {num_features}")
+        self.num_features = num_features
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # BatchNorm checkpoints carry a step counter that has no meaning here; drop it so a
+        # strict load of an nn.BatchNorm2d state dict succeeds.
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        # One multiply-add per element: fold the statistics into a scale and a shift.
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * scale.view(shape).to(x.dtype) + shift.view(shape).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+
+def build_norm(kind: str, channels: int, num_groups: int = 32) -> nn.Module:
+    """Make the norm layer named ``kind`` (one of ``NORM_KINDS``) for ``channels`` channels.
+
+    ``"BN"`` and ``"SyncBN"`` use PyTorch defaults (eps 1e-5, momentum 0.1); ``"GN"`` is
+    ``nn.GroupNorm(num_groups, channels)``, which needs ``channels % num_groups == 0``.
+    """
+    if channels <= 0:
+        raise ValueError(f"channels must be positive, got {channels}")
+    if kind == "FrozenBN":
+        return FrozenBatchNorm2d(channels)
+    if kind == "BN":
+        return nn.BatchNorm2d(channels)
+    if kind == "SyncBN":
+        return nn.SyncBatchNorm(channels)
+    if kind == "GN":
+        if num_groups <= 0 or channels % num_groups != 0:
+            raise ValueError(
+                f"GN needs channels divisible by num_groups, got channels={channels}, "
+                f"num_groups={num_groups}"
+            )
+        return nn.GroupNorm(num_groups, channels)
+    raise ValueError(f"unknown norm kind {kind!r}; valid kinds are {', '.join(NORM_KINDS)}")

@@ -1,0 +1,401 @@
+"""ResNet-18/34/50/101 backbone: torchvision's layout, mmdet's freezing semantics.
+
+Parameter and buffer names are torchvision's (``conv1``, ``bn1``, ``layer1.0.conv1``,
+``layer2.0.downsample.0`` ...), less the classifier, so a torchvision ImageNet state dict
+loads key for key. Bottlenecks put the stride on the 3x3 conv ('pytorch' style, as
+torchvision and mmdet's default). ``frozen_stages`` and ``norm_eval`` behave as in mmdet's
+``ResNet`` (spec §1.5: Mask R-CNN R50-FPN uses ``frozen_stages=1``, ``norm_eval=True``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from instseg.layers import NORM_KINDS, build_norm
+
+logger = logging.getLogger("instseg.backbone")
+
+RESNET_DEPTHS: tuple[int, ...] = (18, 34, 50, 101)
+_STAGE_STRIDES = (4, 8, 16, 32)
+_GN_GROUPS = 32
+
+
+@dataclass
+class ResNetConfig:
+    """What ResNet to build and how to train it.
+
+    ``frozen_stages = k >= 0`` freezes the stem and ``layer1..layerk`` (no gradients, norms in
+    eval mode); ``-1`` freezes nothing. ``norm_eval`` keeps every BN / SyncBN in eval mode
+    while training. ``base_width`` is the stem width (64 = standard); every channel count
+    scales with it, so tests can build narrow nets. ``weights`` is a local checkpoint loaded
+    at construction (``.safetensors`` or a torch file).
+    """
+
+    depth: int = 50
+    norm: str = "BN"
+    frozen_stages: int = 1
+    norm_eval: bool = True
+    out_indices: tuple[int, ...] = (0, 1, 2, 3)
+    base_width: int = 64
+    weights: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.depth not in RESNET_DEPTHS:
+            raise ValueError(
+                f"ResNetConfig.depth must be one of {list(RESNET_DEPTHS)}, got {self.depth!r}"
+            )
+        if self.norm not in NORM_KINDS:
+            raise ValueError(
+                f"ResNetConfig.norm must be one of {list(NORM_KINDS)}, got {self.norm!r}"
+            )
+        if not isinstance(self.frozen_stages, int) or not -1 <= self.frozen_stages <= 4:
+            raise ValueError(
+                f"ResNetConfig.frozen_stages must be an int in -1..4, got {self.frozen_stages!r}"
+            )
+        indices = tuple(self.out_indices)
+        if (
+            not indices
+            or any(not isinstance(i, int) or not 0 <= i <= 3 for i in indices)
+            or list(indices) != sorted(set(indices))
+        ):
+            raise ValueError(
+                "ResNetConfig.out_indices must be a non-empty, strictly increasing subset of "
+                f"0..3, got {self.out_indices!r}"
+            )
+        self.out_indices = indices
+        if not isinstance(self.base_width, int) or self.base_width <= 0:
+            raise ValueError(
+                f"ResNetConfig.base_width must be a positive int, got {self.base_width!r}"
+            )
+        if self.norm == "GN" and self.base_width % _GN_GROUPS != 0:
+            raise ValueError(
+                f"ResNetConfig.base_width must be a multiple of {_GN_GROUPS} with norm='GN' "
+                f"(GroupNorm({_GN_GROUPS}) on the stem), got {self.base_width}"
+            )
+        if self.weights is not None:
+            self.weights = os.fspath(self.weights)
+
+
+@dataclass
+class WeightsReport:
+    """Outcome of ``ResNet.load_weights``; names are after prefix stripping.
+
+    ``missing``: model entries the file did not provide (BN step counters excepted).
+    ``unexpected``: file entries the model has no place for. ``ignored``: entries dropped on
+    purpose (the classifier ``fc.*``, non-backbone parts of a detector checkpoint, BN step
+    counters the model's norm layers do not keep).
+    """
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line for logs: the counts, then the names that need attention."""
+        text = (
+            f"loaded {len(self.loaded)}, missing {len(self.missing)}, "
+            f"unexpected {len(self.unexpected)}, ignored {len(self.ignored)}"
+        )
+        if self.missing:
+            text += f"; missing: {', '.join(self.missing)}"
+        if self.unexpected:
+            text += f"; unexpected: {', '.join(self.unexpected)}"
+        return text
+
+
+def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+
+
+def _conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs plus identity (ResNet-18/34)."""
+
+    expansion = 1
+
+    def __init__(
+        self,
+        in_channels: int,
+        planes: int,
+        stride: int,
+        norm: str,
+        downsample: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.conv1 = _conv3x3(in_channels, planes, stride)
+        self.bn1 = build_norm(norm, planes)
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = build_norm(norm, planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (carrying the stride), 1x1 expand by 4, plus identity (ResNet-50/101)."""
+
+    expansion = 4
+
+    def __init__(
+        self,
+        in_channels: int,
+        planes: int,
+        stride: int,
+        norm: str,
+        downsample: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.conv1 = _conv1x1(in_channels, planes)
+        self.bn1 = build_norm(norm, planes)
+        self.conv2 = _conv3x3(planes, planes, stride)
+        self.bn2 = build_norm(norm, planes)
+        self.conv3 = _conv1x1(planes, planes * self.expansion)
+        self.bn3 = build_norm(norm, planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+_ARCH: dict[int, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int, int]]] = {
+    18: (BasicBlock, (2, 2, 2, 2)),
+    34: (BasicBlock, (3, 4, 6, 3)),
+    50: (Bottleneck, (3, 4, 6, 3)),
+    101: (Bottleneck, (3, 4, 23, 3)),
+}
+
+
+def _make_stage(
+    block: type[BasicBlock] | type[Bottleneck],
+    in_channels: int,
+    planes: int,
+    num_blocks: int,
+    stride: int,
+    norm: str,
+) -> nn.Sequential:
+    """One stage; the first block changes stride/width through a 1x1 conv + norm shortcut."""
+    out_channels = planes * block.expansion
+    downsample = None
+    if stride != 1 or in_channels != out_channels:
+        downsample = nn.Sequential(
+            _conv1x1(in_channels, out_channels, stride), build_norm(norm, out_channels)
+        )
+    blocks = [block(in_channels, planes, stride, norm, downsample)]
+    blocks += [block(out_channels, planes, 1, norm) for _ in range(num_blocks - 1)]
+    return nn.Sequential(*blocks)
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """Read a name -> tensor mapping from ``.safetensors`` or a torch file, never unpickling code.
+
+    Torch files are read with ``weights_only=True`` and may hold the mapping directly or
+    under ``"state_dict"`` / ``"model"`` (mmdet, detectron2-style trainers).
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"weights file not found: {file}")
+    if file.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as exc:
+            raise ImportError(
+                f"reading {file} needs the 'safetensors' package: pip install safetensors"
+            ) from exc
+        return dict(load_file(str(file), device="cpu"))
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise ValueError(f"cannot read {file} as a torch weights file: {exc}") from exc
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{file} does not hold a state dict (got {type(obj).__name__})")
+    for name, value in obj.items():
+        if not isinstance(name, str) or not isinstance(value, Tensor):
+            raise ValueError(
+                f"{file} does not hold a state dict: entry {name!r} is a "
+                f"{type(value).__name__}, not a tensor"
+            )
+    return dict(obj)
+
+
+def _strip_prefixes(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """Drop DDP's ``module.`` and a detector's ``backbone.`` prefix.
+
+    When any name starts with ``backbone.`` the file is a whole-detector checkpoint: only
+    those entries are kept, the rest (neck, heads) are returned as ignored.
+    """
+    names = {}
+    for name, tensor in state.items():
+        while name.startswith("module."):
+            name = name[len("module.") :]
+        names[name] = tensor
+    if not any(name.startswith("backbone.") for name in names):
+        return names, []
+    kept = {n[len("backbone.") :]: t for n, t in names.items() if n.startswith("backbone.")}
+    return kept, [n for n in names if not n.startswith("backbone.")]
+
+
+def _is_batchnorm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm))
+
+
+class ResNet(nn.Module):
+    """ResNet feature extractor: ``forward(images)`` returns the maps of ``cfg.out_indices``.
+
+    Stage ``i`` (``layer{i+1}``, C2..C5) has stride ``4 * 2**i``. ``out_channels`` and
+    ``strides`` describe the returned maps in order. Stages after the last requested one
+    are kept (so checkpoints load key for key) but not run.
+    """
+
+    def __init__(self, cfg: ResNetConfig | None = None) -> None:
+        super().__init__()
+        cfg = ResNetConfig() if cfg is None else cfg
+        self.cfg = cfg
+        block, counts = _ARCH[cfg.depth]
+        width = cfg.base_width
+
+        self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+        self.bn1 = build_norm(cfg.norm, width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+
+        stages: list[nn.Sequential] = []
+        stage_channels: list[int] = []
+        in_channels = width
+        for i, num_blocks in enumerate(counts):
+            planes = width * 2**i
+            stages.append(
+                _make_stage(block, in_channels, planes, num_blocks, 1 if i == 0 else 2, cfg.norm)
+            )
+            in_channels = planes * block.expansion
+            stage_channels.append(in_channels)
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+
+        self._out_indices = tuple(cfg.out_indices)
+        self.out_channels: list[int] = [stage_channels[i] for i in self._out_indices]
+        self.strides: list[int] = [_STAGE_STRIDES[i] for i in self._out_indices]
+
+        self._init_weights()
+        for module in self._frozen_modules():
+            for param in module.parameters():
+                param.requires_grad_(False)
+        self.train()
+
+        if cfg.weights is not None:
+            report = self.load_weights(cfg.weights)
+            logger.info("ResNet-%d weights from %s: %s", cfg.depth, cfg.weights, report.summary())
+            if report.missing or report.unexpected:
+                logger.warning(
+                    "ResNet-%d weights from %s did not match exactly: %s",
+                    cfg.depth,
+                    cfg.weights,
+                    report.summary(),
+                )
+
+    def _stages(self) -> list[nn.Sequential]:
+        return [self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        """The stem and ``layer1..layerk`` for ``frozen_stages = k >= 0``; none for -1."""
+        k = self.cfg.frozen_stages
+        if k < 0:
+            return []
+        return [self.conv1, self.bn1, *self._stages()[:k]]
+
+    def _init_weights(self) -> None:
+        """Kaiming-normal (fan_out, relu) convs, norms at weight 1 / bias 0 (mmcv, torchvision)."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm)):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def train(self, mode: bool = True) -> ResNet:
+        """Set the mode, then put frozen stages (and every BN when ``norm_eval``) back in eval."""
+        super().train(mode)
+        if mode:
+            for module in self._frozen_modules():
+                module.eval()
+            if self.cfg.norm_eval:
+                for module in self.modules():
+                    if _is_batchnorm(module):
+                        module.eval()
+        return self
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"ResNet expects images of shape (B, 3, H, W), got {tuple(x.shape)}")
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        outs: list[Tensor] = []
+        last = self._out_indices[-1]
+        for i, stage in enumerate(self._stages()[: last + 1]):
+            x = stage(x)
+            if i in self._out_indices:
+                outs.append(x)
+        return outs
+
+    def load_weights(self, path: str | os.PathLike[str]) -> WeightsReport:
+        """Load a checkpoint (torchvision / mmdet / DDP names) into this model.
+
+        ``module.`` / ``backbone.`` prefixes are stripped and ``fc.*`` ignored. Shapes are
+        checked before anything is copied, so a mismatch (``ValueError``) leaves the model
+        untouched; so does a file none of whose entries belong to a ResNet.
+        """
+        state, ignored = _strip_prefixes(read_state_dict(path))
+        own = self.state_dict()
+        report = WeightsReport(ignored=ignored)
+        to_load: dict[str, Tensor] = {}
+        for name, tensor in state.items():
+            if name.startswith("fc."):
+                report.ignored.append(name)
+            elif name not in own:
+                # A BN step counter has no home in FrozenBN / GN layers; it carries no weights.
+                if name.endswith("num_batches_tracked"):
+                    report.ignored.append(name)
+                else:
+                    report.unexpected.append(name)
+            elif tensor.shape != own[name].shape:
+                raise ValueError(
+                    f"{path}: shape mismatch for {name!r}: checkpoint {tuple(tensor.shape)}, "
+                    f"model {tuple(own[name].shape)}"
+                )
+            else:
+                to_load[name] = tensor
+        if not to_load:
+            raise ValueError(
+                f"{path}: no entry matches a ResNet-{self.cfg.depth} parameter or buffer "
+                f"(first names in the file: {list(state)[:5]})"
+            )
+        report.loaded = [name for name in own if name in to_load]
+        report.missing = [
+            name for name in own if name not in to_load and not name.endswith("num_batches_tracked")
+        ]
+        self.load_state_dict(to_load, strict=False)
+        return report
