@@ -1,0 +1,151 @@
+"""Region Proposal Network (mmdet ``RPNHead``, the Mask R-CNN R50-FPN 1x recipe, spec §1.5).
+
+A shared 3x3 conv + ReLU over every FPN level, then a 1x1 objectness logit and a 1x1 box
+delta per anchor. Training: MaxIoU assignment (0.7 / 0.3, low-quality matches), 256 random
+samples per image at half positive, sigmoid BCE and L1 on the deltas, both averaged over
+the sampled anchors of the batch. Proposals: per level the top ``nms_pre`` scores, decode,
+drop boxes smaller than ``min_box_size``, NMS per level (0.7), keep the best ``max_per_image``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...ops import batched_nms, clip_boxes_to_image, decode_deltas, encode_deltas
+from ...structures import InstanceTargets
+from ..anchors import AnchorGenerator, AssignerConfig, assign, sample
+
+
+@dataclass
+class RPNConfig:
+    in_channels: int = 256
+    feat_channels: int = 256
+    strides: tuple[int, ...] = (4, 8, 16, 32, 64)
+    anchor_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    anchor_scales: tuple[float, ...] = (8.0,)
+    assigner: AssignerConfig = field(
+        default_factory=lambda: AssignerConfig(0.7, 0.3, 0.3, match_low_quality=True)
+    )
+    num_samples: int = 256
+    pos_fraction: float = 0.5
+    train_nms_pre: int = 2000
+    train_max_per_image: int = 1000
+    test_nms_pre: int = 1000
+    test_max_per_image: int = 1000
+    nms_iou: float = 0.7
+    min_box_size: float = 0.0
+    loss_cls_weight: float = 1.0
+    loss_bbox_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "in_channels",
+            "feat_channels",
+            "num_samples",
+            "train_nms_pre",
+            "train_max_per_image",
+            "test_nms_pre",
+            "test_max_per_image",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"rpn.{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.pos_fraction <= 1:
+            raise ValueError(f"rpn.pos_fraction must be in (0, 1], got {self.pos_fraction}")
+
+
+class RPNHead(nn.Module):
+    def __init__(self, cfg: RPNConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.anchors = AnchorGenerator(cfg.strides, cfg.anchor_ratios, cfg.anchor_scales)
+        a = self.anchors.num_anchors
+        self.rpn_conv = nn.Conv2d(cfg.in_channels, cfg.feat_channels, 3, padding=1)
+        self.rpn_cls = nn.Conv2d(cfg.feat_channels, a, 1)
+        self.rpn_reg = nn.Conv2d(cfg.feat_channels, a * 4, 1)
+        for conv in (self.rpn_conv, self.rpn_cls, self.rpn_reg):
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, feats: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """Per level: objectness ``(B, H*W*A)`` and deltas ``(B, H*W*A, 4)``, anchor order."""
+        logits, deltas = [], []
+        for x in feats:
+            x = F.relu(self.rpn_conv(x))
+            b = x.shape[0]
+            logits.append(self.rpn_cls(x).permute(0, 2, 3, 1).reshape(b, -1))
+            deltas.append(self.rpn_reg(x).permute(0, 2, 3, 1).reshape(b, -1, 4))
+        return logits, deltas
+
+    def loss(
+        self,
+        logits: list[Tensor],
+        deltas: list[Tensor],
+        sizes: list[tuple[int, int]],
+        image_sizes: list[tuple[int, int]],
+        targets: list[InstanceTargets],
+    ) -> dict[str, Tensor]:
+        device = logits[0].device
+        anchors = torch.cat(self.anchors.grid_anchors(sizes, device))
+        all_logits = torch.cat(logits, 1)
+        all_deltas = torch.cat(deltas, 1)
+        cls_losses, reg_losses, num_samples = [], [], 0
+        for i, target in enumerate(targets):
+            valid = self.anchors.valid_flags(sizes, image_sizes[i], device)
+            assigned = torch.full((anchors.shape[0],), -1, dtype=torch.long, device=device)
+            assigned[valid] = assign(
+                anchors[valid], target.boxes, self.cfg.assigner, target.ignore_boxes
+            )
+            pos, neg = sample(assigned, self.cfg.num_samples, self.cfg.pos_fraction)
+            chosen = torch.cat([pos, neg])
+            labels = torch.cat([torch.ones_like(pos), torch.zeros_like(neg)]).float()
+            cls_losses.append(
+                F.binary_cross_entropy_with_logits(all_logits[i, chosen], labels, reduction="sum")
+            )
+            gt = target.boxes[assigned[pos] - 1]
+            reg_targets = encode_deltas(anchors[pos], gt)
+            reg_losses.append((all_deltas[i, pos] - reg_targets).abs().sum())
+            num_samples += chosen.numel()
+        avg = max(num_samples, 1)
+        return {
+            "loss_rpn_cls": self.cfg.loss_cls_weight * torch.stack(cls_losses).sum() / avg,
+            "loss_rpn_bbox": self.cfg.loss_bbox_weight * torch.stack(reg_losses).sum() / avg,
+        }
+
+    @torch.no_grad()
+    def proposals(
+        self,
+        logits: list[Tensor],
+        deltas: list[Tensor],
+        sizes: list[tuple[int, int]],
+        image_sizes: list[tuple[int, int]],
+    ) -> list[Tensor]:
+        """``(P, 4)`` proposals per image, sorted by decreasing objectness."""
+        nms_pre = self.cfg.train_nms_pre if self.training else self.cfg.test_nms_pre
+        max_per_image = (
+            self.cfg.train_max_per_image if self.training else self.cfg.test_max_per_image
+        )
+        device = logits[0].device
+        anchors = self.anchors.grid_anchors(sizes, device)
+        results = []
+        for i, image_size in enumerate(image_sizes):
+            boxes, scores, levels = [], [], []
+            for level, (level_logits, level_deltas) in enumerate(zip(logits, deltas, strict=True)):
+                score = level_logits[i].sigmoid()
+                top = score.topk(min(nms_pre, score.numel())).indices
+                boxes.append(
+                    decode_deltas(anchors[level][top], level_deltas[i, top], max_shape=image_size)
+                )
+                scores.append(score[top])
+                levels.append(torch.full_like(top, level))
+            boxes_i, scores_i, levels_i = torch.cat(boxes), torch.cat(scores), torch.cat(levels)
+            w = boxes_i[:, 2] - boxes_i[:, 0]
+            h = boxes_i[:, 3] - boxes_i[:, 1]
+            keep = (w > self.cfg.min_box_size) & (h > self.cfg.min_box_size)
+            boxes_i, scores_i, levels_i = boxes_i[keep], scores_i[keep], levels_i[keep]
+            keep = batched_nms(boxes_i, scores_i, levels_i, self.cfg.nms_iou)[:max_per_image]
+            results.append(clip_boxes_to_image(boxes_i[keep], image_size))
+        return results

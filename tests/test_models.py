@@ -1,0 +1,225 @@
+"""Anchors, assignment, level mapping and the two-stage detector end to end (tiny, CPU)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from instseg.modeling.anchors import AnchorGenerator, AssignerConfig, assign, sample
+from instseg.modeling.backbone import ResNetConfig
+from instseg.modeling.dense_heads import RPNConfig
+from instseg.modeling.detectors import TwoStageConfig, TwoStageDetector
+from instseg.modeling.neck import FPNConfig
+from instseg.modeling.roi import (
+    BoxHeadConfig,
+    MaskHeadConfig,
+    RoIExtractorConfig,
+    RoIHeadConfig,
+    SingleRoIExtractor,
+    map_roi_levels,
+)
+from instseg.ops import roi_align
+from instseg.structures import ImageBatch, ImageInfo, InstanceTargets
+
+
+def test_anchor_shapes_and_order():
+    gen = AnchorGenerator(strides=(4, 8), ratios=(0.5, 1.0, 2.0), scales=(8.0,))
+    anchors = gen.grid_anchors([(2, 3), (1, 2)], torch.device("cpu"))
+    assert [a.shape for a in anchors] == [(2 * 3 * 3, 4), (1 * 2 * 3, 4)]
+    # Ratio 1 at stride 4, scale 8: a 32x32 box centred on the location (0, 0).
+    torch.testing.assert_close(anchors[0][1], torch.tensor([-16.0, -16.0, 16.0, 16.0]))
+    # Ratio 0.5 (h/w): area kept, w = 32 * sqrt(2).
+    w = 32 * math.sqrt(2)
+    torch.testing.assert_close(anchors[0][0], torch.tensor([-w / 2, -w / 4, w / 2, w / 4]))
+    # Location-major order: the next location (x = 1) shifts by the stride.
+    torch.testing.assert_close(anchors[0][4] - anchors[0][1], torch.tensor([4.0, 0, 4, 0]))
+    torch.testing.assert_close(anchors[0][3 * 3 + 1] - anchors[0][1], torch.tensor([0.0, 4, 0, 4]))
+    flags = gen.valid_flags([(4, 4), (2, 2)], (6, 16), torch.device("cpu"))
+    assert flags.shape == (4 * 4 * 3 + 2 * 2 * 3,)
+    assert (
+        flags[: 4 * 4 * 3].view(4, 4, 3)[:2].all()
+        and not flags[: 4 * 4 * 3].view(4, 4, 3)[2:].any()
+    )
+
+
+def _assign_reference(boxes, gts, cfg):
+    """Loop-by-loop MaxIoU assignment (mmdet semantics)."""
+
+    def iou(a, b):
+        iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+        ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        inter = iw * ih
+        union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+        return inter / union if union > 0 else 0.0
+
+    boxes, gts = boxes.tolist(), gts.tolist()
+    out = [-1] * len(boxes)
+    ov = [[iou(g, b) for b in boxes] for g in gts]
+    for j in range(len(boxes)):
+        col = [ov[i][j] for i in range(len(gts))]
+        best = max(col)
+        if best < cfg.neg_iou_thr:
+            out[j] = 0
+        if best >= cfg.pos_iou_thr:
+            out[j] = col.index(best) + 1
+    if cfg.match_low_quality:
+        for i in range(len(gts)):
+            gmax = max(ov[i])
+            if gmax >= cfg.min_pos_iou:
+                for j in range(len(boxes)):
+                    if ov[i][j] == gmax:
+                        out[j] = i + 1
+    return out
+
+
+@pytest.mark.parametrize("low_quality", [False, True])
+def test_assign_matches_loop_reference(low_quality):
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(300, 2, generator=g) * 80
+    boxes = torch.cat([xy, xy + 8 + torch.rand(300, 2, generator=g) * 30], 1)
+    gxy = torch.rand(5, 2, generator=g) * 80
+    gts = torch.cat([gxy, gxy + 10 + torch.rand(5, 2, generator=g) * 30], 1)
+    gts[4] = gts[3]  # a duplicate GT: ties go to the later one
+    cfg = AssignerConfig(0.7, 0.3, 0.3, match_low_quality=low_quality)
+    assert assign(boxes, gts, cfg).tolist() == _assign_reference(boxes, gts, cfg)
+
+
+def test_assign_ignore_regions_and_empty_gt():
+    boxes = torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 60], [100, 100, 110, 110]])
+    gts = torch.tensor([[0.0, 0, 10, 10]])
+    ignore = torch.tensor([[45.0, 45, 65, 65]])
+    cfg = AssignerConfig(0.5, 0.5, 0.5, ignore_iof_thr=0.5)
+    assert assign(boxes, gts, cfg, ignore).tolist() == [1, -1, 0]
+    assert assign(boxes, gts[:0], cfg).tolist() == [0, 0, 0]
+
+
+def test_sample_respects_budget():
+    torch.manual_seed(0)
+    assigned = torch.tensor([1] * 100 + [0] * 1000 + [-1] * 50)
+    pos, neg = sample(assigned, 256, 0.25)
+    assert len(pos) == 64 and len(neg) == 192
+    assert (assigned[pos] > 0).all() and (assigned[neg] == 0).all()
+    assert len(set(pos.tolist())) == 64
+    pos, neg = sample(torch.tensor([1, 0, 0]), 256, 0.5)
+    assert len(pos) == 1 and len(neg) == 2
+
+
+def test_level_mapping_thresholds():
+    sides = torch.tensor([10.0, 111.9, 112.0, 223.9, 224.0, 447.9, 448.0, 2000.0])
+    rois = torch.cat([torch.zeros(8, 3), sides[:, None], sides[:, None]], 1)
+    assert map_roi_levels(rois, 4).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+@pytest.mark.parametrize("op", ["roi_align", "prroi_pool"])
+def test_extractor_pools_each_roi_from_its_level(op):
+    g = torch.Generator().manual_seed(1)
+    feats = [torch.randn(2, 4, 64 // s, 64 // s, generator=g) for s in (1, 2, 4, 8)]
+    cfg = RoIExtractorConfig(output_size=3, op=op, strides=(4, 8, 16, 32))
+    rois = torch.tensor([[0, 0.0, 0, 50, 50], [1, 10, 10, 200, 150], [0, 0, 0, 400, 300]])
+    out = SingleRoIExtractor(cfg)(feats, rois)
+    for k, level in enumerate(map_roi_levels(rois, 4).tolist()):
+        expected = SingleRoIExtractor(RoIExtractorConfig(3, op, strides=(cfg.strides[level],)))(
+            [feats[level]], rois[k : k + 1]
+        )
+        torch.testing.assert_close(out[k : k + 1], expected)
+    if op == "roi_align":
+        direct = roi_align(feats[0], rois[:1], 3, 0.25, 0, True)
+        torch.testing.assert_close(out[:1], direct)
+
+
+def tiny_config(
+    num_classes: int = 3, with_mask: bool = True, op: str = "roi_align"
+) -> TwoStageConfig:
+    channels = 32
+    return TwoStageConfig(
+        backbone=ResNetConfig(depth=18, base_width=8, frozen_stages=-1, norm_eval=False),
+        neck=FPNConfig(out_channels=channels),
+        rpn=RPNConfig(
+            in_channels=channels,
+            feat_channels=channels,
+            train_nms_pre=300,
+            train_max_per_image=200,
+            test_nms_pre=300,
+            test_max_per_image=100,
+        ),
+        roi_head=RoIHeadConfig(
+            num_classes=num_classes,
+            with_mask=with_mask,
+            box_extractor=RoIExtractorConfig(7, op=op),
+            mask_extractor=RoIExtractorConfig(14, op=op),
+            box_head=BoxHeadConfig(in_channels=channels, fc_channels=64),
+            mask_head=MaskHeadConfig(in_channels=channels, conv_channels=channels, num_convs=2),
+        ),
+    )
+
+
+def toy_batch():
+    images = torch.zeros(2, 3, 96, 128)
+    masks0 = torch.zeros(2, 96, 128, dtype=torch.bool)
+    masks0[0, 10:50, 20:60] = True
+    masks0[1, 55:90, 70:120] = True
+    images[0, 0][masks0[0]] = 2.0
+    images[0, 1][masks0[1]] = 2.0
+    masks1 = torch.zeros(1, 80, 100, dtype=torch.bool)
+    masks1[0, 20:60, 30:80] = True
+    images[1, 2, :80, :100][masks1[0]] = 2.0
+    targets = [
+        InstanceTargets(
+            torch.tensor([[20.0, 10, 60, 50], [70, 55, 120, 90]]), torch.tensor([0, 1]), masks0
+        ),
+        InstanceTargets(torch.tensor([[30.0, 20, 80, 60]]), torch.tensor([2]), masks1),
+    ]
+    return ImageBatch(images, [(96, 128), (80, 100)]), targets
+
+
+@pytest.mark.parametrize(
+    ("with_mask", "op"), [(True, "roi_align"), (False, "roi_align"), (True, "prroi_pool")]
+)
+def test_detector_overfits_a_batch(with_mask, op):
+    torch.manual_seed(0)
+    model = TwoStageDetector(tiny_config(with_mask=with_mask, op=op))
+    images, targets = toy_batch()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    history = []
+    for _ in range(12):
+        losses = model(images, targets)
+        total = sum(losses.values())
+        assert all(torch.isfinite(v) for v in losses.values())
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        history.append(float(total.detach()))
+    assert set(losses) == {"loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_bbox"} | (
+        {"loss_mask"} if with_mask else set()
+    )
+    assert sum(history[-3:]) / 3 < 0.7 * sum(history[:3]) / 3
+
+
+def test_detector_handles_images_without_objects_and_predicts_in_original_frame():
+    torch.manual_seed(0)
+    model = TwoStageDetector(tiny_config())
+    images, targets = toy_batch()
+    targets[1] = InstanceTargets(
+        torch.zeros(0, 4),
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(0, 80, 100, dtype=torch.bool),
+    )
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    model.eval()
+    infos = [
+        ImageInfo(1, "a.png", (48, 64), (96, 128), scale=(2.0, 2.0)),
+        ImageInfo(2, "b.png", (80, 100), (80, 100)),
+    ]
+    results = model.predict(images, infos)
+    assert len(results) == 2
+    for result, info in zip(results, infos, strict=True):
+        assert len(result) <= 100
+        assert result.masks.shape == (len(result), *info.original_size)
+        assert result.masks.dtype == torch.bool
+        if len(result):
+            assert (result.boxes[:, 2] <= info.original_size[1] + 1e-4).all()
+            assert (result.boxes[:, 3] <= info.original_size[0] + 1e-4).all()
+            assert (result.scores > 0.05).all() and (result.labels < 3).all()
