@@ -1,0 +1,74 @@
+"""Batched inference over a dataset and COCO evaluation of the results."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data.coco import CocoDataset
+from ..data.loader import GroupedBatchSampler, make_collate
+from ..evaluation import evaluate_coco, instances_to_coco_results, write_results
+from ..structures import ImageInfo, Instances
+
+
+@torch.no_grad()
+def predict_dataset(
+    model: nn.Module,
+    dataset: CocoDataset,
+    batch_size: int = 2,
+    device: torch.device | str = "cpu",
+    num_workers: int = 0,
+    size_divisor: int = 32,
+) -> Iterator[tuple[ImageInfo, Instances]]:
+    """Yield ``(info, detections)`` per image, detections on the CPU in original coordinates.
+
+    Images are batched by orientation to keep padding small; the model runs in eval mode.
+    """
+    was_training = model.training
+    model.eval()
+    sampler = GroupedBatchSampler(
+        [r.aspect_ratio for r in dataset.records], batch_size, shuffle=False
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=make_collate(size_divisor),
+        num_workers=num_workers,
+    )
+    try:
+        for images, _, infos in loader:
+            for info, result in zip(infos, model.predict(images.to(device), infos), strict=True):
+                yield info, result.to("cpu")
+    finally:
+        model.train(was_training)
+
+
+def evaluate_model(
+    model: nn.Module,
+    dataset: CocoDataset,
+    batch_size: int = 2,
+    device: torch.device | str = "cpu",
+    max_dets: int = 100,
+    results_path: str | Path | None = None,
+    num_workers: int = 0,
+) -> dict:
+    """COCO metrics (percent) of ``model`` on ``dataset``; optionally writes the results json."""
+    category_ids = [c.id for c in dataset.categories]
+    results: list[dict] = []
+    with_masks = False
+    for info, detections in predict_dataset(model, dataset, batch_size, device, num_workers):
+        with_masks = with_masks or detections.masks is not None
+        results += instances_to_coco_results(detections, info.image_id, category_ids)
+    if results_path is not None:
+        write_results(results_path, results)
+    iou_types = ("bbox", "segm") if with_masks and dataset.with_masks else ("bbox",)
+    return evaluate_coco(
+        str(dataset.ann_file),
+        results,
+        iou_types=iou_types,
+        max_dets=max_dets,
+        image_ids=[r.image_id for r in dataset.records],
+    )
