@@ -1,0 +1,101 @@
+"""Learning-rate schedule and optimizer: mmdet's step policy with linear warmup, plain SGD.
+
+The learning rate is a pure function of the iteration (:func:`lr_at`) and is written into the
+optimizer before every step, so a resumed run needs no scheduler state to continue exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import pairwise
+
+import torch
+from torch import nn
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class ScheduleConfig:
+    """SGD hyper-parameters and the step schedule (iterations, not epochs).
+
+    ``steps`` are the iterations at which the learning rate is multiplied by ``gamma``;
+    during the first ``warmup_iters`` iterations it rises linearly from
+    ``warmup_ratio * lr`` towards the regular value. ``grad_clip`` is the maximum total
+    gradient norm (None: no clipping).
+    """
+
+    base_lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 500
+    warmup_ratio: float = 0.001
+    steps: tuple[int, ...] = ()
+    gamma: float = 0.1
+    grad_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if not _is_number(self.base_lr) or not self.base_lr > 0:
+            raise ValueError(f"{name}.base_lr must be a positive number, got {self.base_lr!r}")
+        if not _is_number(self.momentum) or not 0 <= self.momentum < 1:
+            raise ValueError(f"{name}.momentum must be in [0, 1), got {self.momentum!r}")
+        if not _is_number(self.weight_decay) or not self.weight_decay >= 0:
+            raise ValueError(f"{name}.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not _is_int(self.warmup_iters) or self.warmup_iters < 0:
+            raise ValueError(
+                f"{name}.warmup_iters must be a non-negative integer, got {self.warmup_iters!r}"
+            )
+        if not _is_number(self.warmup_ratio) or not 0 <= self.warmup_ratio <= 1:
+            raise ValueError(f"{name}.warmup_ratio must be in [0, 1], got {self.warmup_ratio!r}")
+        if isinstance(self.steps, (str, bytes)) or not hasattr(self.steps, "__iter__"):
+            raise ValueError(f"{name}.steps must be a sequence of iterations, got {self.steps!r}")
+        steps = tuple(self.steps)
+        if not all(_is_int(s) and s >= 0 for s in steps):
+            raise ValueError(f"{name}.steps must be non-negative integers, got {steps!r}")
+        if any(b <= a for a, b in pairwise(steps)):
+            raise ValueError(f"{name}.steps must be strictly increasing, got {steps!r}")
+        self.steps = steps
+        if not _is_number(self.gamma) or not self.gamma > 0:
+            raise ValueError(f"{name}.gamma must be a positive number, got {self.gamma!r}")
+        if self.grad_clip is not None and (not _is_number(self.grad_clip) or self.grad_clip <= 0):
+            raise ValueError(
+                f"{name}.grad_clip must be None or a positive number, got {self.grad_clip!r}"
+            )
+
+
+def lr_at(cfg: ScheduleConfig, iteration: int) -> float:
+    """The learning rate of the step taken after ``iteration`` completed iterations.
+
+    ``iteration`` is 0 for the first step (mmdet's ``runner.iter``). The regular rate is
+    ``base_lr * gamma ** (number of steps <= iteration)``; while ``iteration < warmup_iters``
+    it is scaled by ``1 - (1 - iteration / warmup_iters) * (1 - warmup_ratio)``.
+    """
+    if iteration < 0:
+        raise ValueError(f"iteration must be >= 0, got {iteration}")
+    regular = cfg.base_lr * cfg.gamma ** sum(1 for s in cfg.steps if s <= iteration)
+    if iteration < cfg.warmup_iters:
+        return regular * (1 - (1 - iteration / cfg.warmup_iters) * (1 - cfg.warmup_ratio))
+    return regular
+
+
+def build_optimizer(model: nn.Module, cfg: ScheduleConfig) -> torch.optim.SGD:
+    """SGD with momentum and weight decay over every parameter that requires a gradient."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no parameter with requires_grad=True to optimise")
+    return torch.optim.SGD(
+        params, lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Write ``lr`` into every parameter group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,573 @@
+"""The training loop: exact resume, atomic checkpoints, clean stop on SIGINT/SIGTERM.
+
+Exactness rests on three facts. The learning rate is a pure function of the iteration. The
+data of iteration ``n`` is a pure function of ``(seed, n)``: the batch order comes from
+:class:`~instseg.data.loader.GroupedBatchSampler`, each sample is built from its own seed
+with the global RNGs seeded from it too (so a transform drawing from ``torch.rand`` gives
+the same result in any worker process), and the loaders never draw from the global RNG. And
+a checkpoint holds everything else that changes: weights, optimizer buffers, the global RNG
+states and the data position. A run stopped at any iteration and resumed therefore ends
+with bit-identical weights to one that never stopped (same device, same number of threads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import re
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..data.loader import GroupedBatchSampler, make_collate
+from .checkpoint import (
+    FINAL_NAME,
+    WEIGHTS_SUFFIX,
+    checkpoint_files,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_checkpoint,
+    save_checkpoint,
+)
+from .schedule import ScheduleConfig, build_optimizer, lr_at, set_lr
+
+LOG_NAME = "log.jsonl"
+KEEP_PERIODIC = 2
+_PERIODIC = re.compile(r"^iter_(\d+)$")
+_ENGINE_KEYS = ("iteration", "epoch", "batch", "train_config", "num_images")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class TrainConfig:
+    """How long and how to train.
+
+    ``checkpoint_every`` iterations a checkpoint is written (0: only at the end);
+    ``log_every`` iterations a line goes to ``log.jsonl`` and the progress display; ``amp``
+    runs the forward pass under bf16 autocast on CUDA (ignored with a warning on CPU).
+    """
+
+    max_iters: int
+    batch_size: int = 2
+    checkpoint_every: int = 0
+    log_every: int = 20
+    seed: int = 0
+    num_workers: int = 0
+    amp: bool = False
+    size_divisor: int = 32
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        minimum = {
+            "max_iters": 1,
+            "batch_size": 1,
+            "checkpoint_every": 0,
+            "log_every": 1,
+            "seed": 0,
+            "num_workers": 0,
+            "size_divisor": 1,
+        }
+        for key, low in minimum.items():
+            value = getattr(self, key)
+            if not _is_int(value) or value < low:
+                raise ValueError(f"{name}.{key} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.amp, bool):
+            raise ValueError(f"{name}.amp must be true or false, got {self.amp!r}")
+        if isinstance(self.schedule, dict):
+            self.schedule = ScheduleConfig(**self.schedule)
+        if not isinstance(self.schedule, ScheduleConfig):
+            raise ValueError(f"{name}.schedule must be a ScheduleConfig, got {self.schedule!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["schedule"]["steps"] = list(self.schedule.steps)
+        return out
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did: the iterations completed, whether it ran to ``max_iters``
+    or was stopped by a signal, the weights file of the final model (or of the checkpoint
+    written on stopping), and one entry per iteration run by this call."""
+
+    iteration: int
+    status: Literal["finished", "interrupted"]
+    weights: Path
+    history: list[dict[str, float]]
+
+
+# ------------------------------------------------------------------------ data and RNG
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+class _SeededSamples(torch.utils.data.Dataset):
+    """Wraps a dataset so that each sample sees global RNGs seeded from its own seed.
+
+    The caller's global RNG states are restored afterwards, so data loading neither
+    consumes nor depends on them, in the main process or in any worker.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        _, seed = item
+        derived = (int(seed) * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % 2**63
+        saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
+        torch.default_generator.manual_seed(derived)  # CPU only: CUDA RNG untouched
+        random.seed(derived)
+        np.random.seed(derived % 2**32)
+        try:
+            return self.dataset[item]
+        finally:
+            torch.set_rng_state(saved[0])
+            random.setstate(saved[1])
+            np.random.set_state(saved[2])
+
+
+def _worker_init(_: int) -> None:
+    """Loader workers leave SIGINT/SIGTERM to the main process, which stops cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _make_loader(
+    dataset: torch.utils.data.Dataset,
+    sampler: GroupedBatchSampler,
+    cfg: TrainConfig,
+    epoch: int,
+) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        _SeededSamples(dataset),
+        batch_sampler=sampler,
+        collate_fn=make_collate(cfg.size_divisor),
+        num_workers=cfg.num_workers,
+        # The loader draws a base seed when iterated; its own generator keeps that draw
+        # off the global RNG, which belongs to the model.
+        generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch),
+        worker_init_fn=_worker_init if cfg.num_workers > 0 else None,
+        persistent_workers=False,
+    )
+
+
+# ------------------------------------------------------------------------------ signals
+
+
+class _StopRequest:
+    """Set by SIGINT/SIGTERM; the loop stops after the current iteration and saves.
+
+    While a checkpoint is being written every signal is ignored; outside a save, a second
+    SIGINT raises KeyboardInterrupt at once (nothing is written, earlier checkpoints stay).
+    """
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self.saving = False
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.saving:
+            print(f"\n{name}: writing a checkpoint, please wait", file=sys.stderr, flush=True)
+            return
+        if self.requested is None:
+            self.requested = name
+            print(
+                f"\n{name}: stopping after this iteration and saving a checkpoint "
+                "(Ctrl-C again to stop at once without saving)",
+                file=sys.stderr,
+                flush=True,
+            )
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def saving_guard(self) -> Iterator[None]:
+        self.saving = True
+        try:
+            yield
+        finally:
+            self.saving = False
+
+
+@contextlib.contextmanager
+def _signal_handlers(stop: _StopRequest) -> Iterator[None]:
+    """Install the stop handlers for SIGINT and SIGTERM, restoring the previous ones."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for sig in previous:
+            signal.signal(sig, stop.handle)
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+# ------------------------------------------------------------------------------ logging
+
+
+def _format_seconds(seconds: float) -> str:
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+class _Progress:
+    """A JSON line per window in ``log.jsonl`` and a one-line display on stderr.
+
+    Logged losses are the means over the window since the previous line. On a terminal the
+    display is rewritten in place; otherwise a plain line is printed per window.
+    """
+
+    def __init__(self, path: Path, max_iters: int, log_every: int, append: bool) -> None:
+        self.path = path
+        self.max_iters = max_iters
+        self.log_every = log_every
+        self.tty = sys.stderr.isatty()
+        self.file = path.open("a" if append else "w", encoding="utf-8")
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.window_start = time.perf_counter()
+        self.last_draw = 0.0
+        self.drawn = False
+
+    def close(self) -> None:
+        if self.drawn:
+            print(file=sys.stderr, flush=True)
+            self.drawn = False
+        self.file.close()
+
+    def message(self, text: str) -> None:
+        if self.drawn:
+            print(file=sys.stderr)
+            self.drawn = False
+        print(text, file=sys.stderr, flush=True)
+        self.last_draw = 0.0  # redraw the progress line at the next iteration
+
+    def _line(self, iteration: int, lr: float, losses: dict[str, float], sec: float) -> str:
+        parts = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
+        eta = _format_seconds(sec * (self.max_iters - iteration))
+        return (
+            f"iter {iteration}/{self.max_iters} | {parts} | lr {lr:.3e} | "
+            f"{sec:.3f} s/it | eta {eta}"
+        )
+
+    def update(self, iteration: int, lr: float, losses: dict[str, float]) -> None:
+        for key, value in losses.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+        now = time.perf_counter()
+        sec = (now - self.window_start) / self.count
+        if iteration % self.log_every == 0 or iteration == self.max_iters:
+            means = {k: v / self.count for k, v in self.sums.items()}
+            record = {
+                "iteration": iteration,
+                "lr": lr,
+                **means,
+                "seconds_per_iter": sec,
+                "eta_seconds": sec * (self.max_iters - iteration),
+            }
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            if not self.tty:
+                print(self._line(iteration, lr, means, sec), file=sys.stderr, flush=True)
+            self.sums, self.count, self.window_start = {}, 0, now
+        if self.tty and (now - self.last_draw > 0.1 or iteration == self.max_iters):
+            sys.stderr.write("\r" + self._line(iteration, lr, losses, sec) + "\x1b[K")
+            sys.stderr.flush()
+            self.last_draw, self.drawn = now, True
+
+
+def _trim_log(path: Path, iteration: int) -> None:
+    """Drop log lines past ``iteration`` (written after the checkpoint a run resumes from)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["iteration"] > iteration:
+                continue
+        except (ValueError, KeyError, TypeError):
+            continue
+        kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _loss_values(losses: dict[str, Tensor], iteration: int) -> tuple[Tensor, dict[str, float]]:
+    """The total loss and every term as a float (one device sync)."""
+    if not isinstance(losses, dict) or not losses:
+        raise TypeError(
+            f"iteration {iteration}: the model must return a non-empty dict of losses in "
+            f"train mode, got {type(losses).__name__}"
+        )
+    for key, value in losses.items():
+        if not isinstance(value, Tensor) or value.numel() != 1:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise TypeError(f"iteration {iteration}: loss {key!r} is not a scalar ({shape})")
+    total = sum(losses.values())
+    assert isinstance(total, Tensor)
+    values = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
+    floats = dict(zip(losses, values.tolist(), strict=True))
+    floats["total"] = sum(floats.values())
+    return total, floats
+
+
+def _periodic_iterations(work_dir: Path) -> list[tuple[int, str]]:
+    """``(iteration, name)`` of every periodic checkpoint name with any file present."""
+    found: dict[str, int] = {}
+    for path in work_dir.glob("iter_*"):
+        stem = path.name.split(".", 1)[0]
+        match = _PERIODIC.match(stem)
+        if match:
+            found[stem] = int(match.group(1))
+    return sorted((n, name) for name, n in found.items())
+
+
+def _prune_periodic(work_dir: Path, keep: int) -> None:
+    """Keep the ``keep`` most advanced complete periodic checkpoints; remove the rest and
+    any incomplete leftovers below them."""
+    entries = _periodic_iterations(work_dir)
+    complete = [n for n, name in entries if checkpoint_files(work_dir, name)[2].is_file()]
+    kept = set(complete[-keep:])
+    newest = complete[-1] if complete else -1
+    for n, name in entries:
+        if n not in kept and n < newest:
+            remove_checkpoint(work_dir, name)
+
+
+def _epoch_length(sampler: GroupedBatchSampler, epoch: int) -> int:
+    return len(sampler.batches(epoch))
+
+
+def train(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    cfg: TrainConfig,
+    work_dir: str | Path,
+    resume: bool = False,
+    extra_state: dict[str, Any] | None = None,
+    on_iteration: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``dataset`` until ``cfg.max_iters`` iterations are done.
+
+    ``model(images, targets)`` returns a dict of scalar losses, summed for the update.
+    Checkpoints go to ``work_dir`` (``iter_{n:08d}`` every ``cfg.checkpoint_every``, the
+    two latest kept; ``model_final`` at the end, whose ``.safetensors`` is the weights
+    file for eval/predict). ``resume`` continues exactly from the latest complete
+    checkpoint. SIGINT/SIGTERM stop after the current iteration with a checkpoint and
+    status "interrupted". ``extra_state`` (JSON-serialisable: config, categories...) is
+    stored in every checkpoint. ``on_iteration(n, losses)`` is called after iteration ``n``.
+    """
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    extra_state = dict(extra_state or {})
+    for key in _ENGINE_KEYS:
+        if key in extra_state:
+            raise ValueError(f"extra_state key {key!r} is reserved for the training engine")
+    try:
+        json.dumps(extra_state)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"extra_state is not JSON-serialisable: {exc}") from exc
+    records = getattr(dataset, "records", None)
+    if records is None:
+        raise TypeError("the dataset needs a `records` list whose items have `.aspect_ratio`")
+    if len(records) == 0:
+        raise ValueError("the dataset is empty: nothing to train on")
+
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    device = _model_device(model)
+    amp = cfg.amp
+    if amp and device.type != "cuda":
+        warnings.warn("TrainConfig.amp is ignored: bf16 autocast needs CUDA", stacklevel=2)
+        amp = False
+
+    model.train()
+    optimizer = build_optimizer(model, cfg.schedule)
+    sampler = GroupedBatchSampler(
+        [r.aspect_ratio for r in records], cfg.batch_size, shuffle=True, seed=cfg.seed
+    )
+    log_path = work_dir / LOG_NAME
+
+    last_name = latest_checkpoint(work_dir)
+    if resume:
+        if last_name is None:
+            raise FileNotFoundError(f"cannot resume: no complete checkpoint in {work_dir}")
+        state = load_checkpoint(work_dir, last_name, model, optimizer, device=device)
+        saved_cfg = state.get("train_config", {})
+        for key, now in (
+            ("batch_size", cfg.batch_size),
+            ("seed", cfg.seed),
+            ("num_images", len(records)),
+        ):
+            before = state.get(key, saved_cfg.get(key))
+            if before is not None and before != now:
+                raise ValueError(
+                    f"cannot resume {work_dir / last_name} exactly: {key} was {before}, now "
+                    f"{now}; start a new work_dir to train with different data or batching"
+                )
+        for key in ("iteration", "epoch", "batch"):
+            if not _is_int(state.get(key)):
+                raise ValueError(
+                    f"cannot resume from {work_dir / last_name}: its state has no integer "
+                    f"{key!r} (not written by instseg.engine.train?)"
+                )
+        iteration, epoch, batch = state["iteration"], state["epoch"], state["batch"]
+        if iteration > cfg.max_iters:
+            raise ValueError(
+                f"TrainConfig.max_iters is {cfg.max_iters} but the checkpoint "
+                f"{last_name} is already at iteration {iteration}"
+            )
+        _trim_log(log_path, iteration)
+    else:
+        if last_name is not None:
+            raise FileExistsError(
+                f"{work_dir} already holds checkpoint {last_name!r}: pass resume=True to "
+                "continue it, or choose another work_dir"
+            )
+        _seed_everything(cfg.seed)
+        iteration, epoch, batch = 0, 0, 0
+    resumed_from = last_name if resume else None
+
+    history: list[dict[str, float]] = []
+    stop = _StopRequest()
+    progress = _Progress(log_path, cfg.max_iters, cfg.log_every, append=resume)
+    last_saved = iteration if resume else -1
+    weights = checkpoint_files(work_dir, last_name)[0] if resume and last_name else work_dir
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def save(name: str) -> Path:
+        state = {
+            "iteration": iteration,
+            "epoch": epoch,
+            "batch": batch,
+            "num_images": len(records),
+            "train_config": cfg.to_dict(),
+            **extra_state,
+        }
+        with stop.saving_guard():
+            save_checkpoint(work_dir, name, model, optimizer, state)
+            if name != FINAL_NAME:
+                _prune_periodic(work_dir, KEEP_PERIODIC)
+        progress.message(f"saved checkpoint {work_dir / name} (iteration {iteration})")
+        return work_dir / f"{name}{WEIGHTS_SUFFIX}"
+
+    try:
+        with _signal_handlers(stop):
+            while iteration < cfg.max_iters and stop.requested is None:
+                epoch_len = _epoch_length(sampler, epoch)
+                if batch >= epoch_len:
+                    epoch, batch = epoch + 1, 0
+                    continue
+                sampler.set_epoch(epoch, batch)
+                batches = iter(_make_loader(dataset, sampler, cfg, epoch))
+                try:
+                    for images, targets, _ in batches:
+                        lr = lr_at(cfg.schedule, iteration)
+                        set_lr(optimizer, lr)
+                        images = images.to(device)
+                        targets = [t.to(device) for t in targets]
+                        autocast = (
+                            torch.autocast("cuda", dtype=torch.bfloat16)
+                            if amp
+                            else contextlib.nullcontext()
+                        )
+                        with autocast:
+                            losses = model(images, targets)
+                        total, values = _loss_values(losses, iteration + 1)
+                        if not all(math.isfinite(v) for v in values.values()):
+                            terms = ", ".join(f"{k}={v}" for k, v in values.items())
+                            raise FloatingPointError(
+                                f"non-finite loss at iteration {iteration + 1}: {terms}; "
+                                "training stopped, the last checkpoint is left as it was"
+                            )
+                        optimizer.zero_grad(set_to_none=True)
+                        total.backward()
+                        if cfg.schedule.grad_clip is not None:
+                            norm = float(
+                                torch.nn.utils.clip_grad_norm_(trainable, cfg.schedule.grad_clip)
+                            )
+                            if not math.isfinite(norm):
+                                raise FloatingPointError(
+                                    f"non-finite gradient norm at iteration {iteration + 1} "
+                                    f"(losses {values}); the last checkpoint is left as it was"
+                                )
+                            values["grad_norm"] = norm
+                        optimizer.step()
+
+                        iteration += 1
+                        batch += 1
+                        if batch >= epoch_len:
+                            epoch, batch = epoch + 1, 0
+                        history.append({"iteration": iteration, "lr": lr, **values})
+                        progress.update(iteration, lr, values)
+                        if on_iteration is not None:
+                            on_iteration(iteration, values)
+                        if iteration >= cfg.max_iters:
+                            break
+                        every = cfg.checkpoint_every
+                        if every and iteration % every == 0:
+                            weights = save(f"iter_{iteration:08d}")
+                            last_saved = iteration
+                        if stop.requested is not None:
+                            break
+                finally:
+                    del batches  # shuts loader workers down now, even on an error
+
+            if iteration >= cfg.max_iters:
+                if resumed_from != FINAL_NAME or history:
+                    weights = save(FINAL_NAME)
+                else:
+                    weights = checkpoint_files(work_dir, FINAL_NAME)[0]
+                status: Literal["finished", "interrupted"] = "finished"
+            else:
+                if last_saved != iteration:
+                    weights = save(f"iter_{iteration:08d}")
+                status = "interrupted"
+                progress.message(
+                    f"stopped at iteration {iteration}/{cfg.max_iters} ({stop.requested}); "
+                    "resume to continue"
+                )
+    finally:
+        progress.close()
+    return TrainResult(iteration=iteration, status=status, weights=weights, history=history)
