@@ -1,0 +1,200 @@
+"""Named configs: the recipes of the seeds' result tables and small CPU configs.
+
+Each name maps to a plain function that builds a fresh :class:`ExperimentConfig`; there is
+no inheritance to follow. ``get_config("mask_rcnn_r50_fpn_1x_coco")`` returns one, and
+:func:`instseg.configs.apply_overrides` changes fields by dotted key.
+
+The COCO recipes (spec §1.5) use 16 images per iteration (mmdet: 8 GPUs x 2) and lr 0.02;
+12 epochs of COCO train2017 (118,287 images) are 88,716 iterations, with the lr divided by
+10 after epochs 8 and 11. With fewer images per iteration, scale ``train.schedule.base_lr``
+linearly and the iteration counts inversely (the linear scaling rule).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..engine import ScheduleConfig, TrainConfig
+from ..modeling.backbone import ResNetConfig
+from ..modeling.dense_heads import RPNConfig
+from ..modeling.detectors import TwoStageConfig
+from ..modeling.neck import FPNConfig
+from ..modeling.roi import BoxHeadConfig, MaskHeadConfig, RoIHeadConfig
+
+COCO_TRAIN_IMAGES = 118_287
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how images are sized. Paths may also come from the CLI."""
+
+    train_ann: str | None = None
+    train_images: str | None = None
+    val_ann: str | None = None
+    val_images: str | None = None
+    train_scales: tuple[tuple[int, int], ...] = ((1333, 800),)
+    test_scale: tuple[int, int] = (1333, 800)
+    flip_prob: float = 0.5
+    skip_empty: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.train_scales:
+            raise ValueError("data.train_scales must not be empty")
+        if not 0.0 <= self.flip_prob <= 1.0:
+            raise ValueError(f"data.flip_prob must be in [0, 1], got {self.flip_prob}")
+
+
+@dataclass
+class EvalConfig:
+    max_dets: int = 100
+    batch_size: int = 2
+
+    def __post_init__(self) -> None:
+        if self.max_dets < 10:
+            raise ValueError(f"eval.max_dets must be at least 10, got {self.max_dets}")
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything a run needs. ``num_classes=None`` takes the training set's categories."""
+
+    name: str = "custom"
+    description: str = ""
+    num_classes: int | None = None
+    model: TwoStageConfig = field(default_factory=TwoStageConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_iters=1000))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _epochs_to_iters(epochs: float, batch_size: int, images: int = COCO_TRAIN_IMAGES) -> int:
+    return round(epochs * images / batch_size)
+
+
+def _rcnn_r50_fpn_1x(name: str, description: str, depth: int, with_mask: bool) -> ExperimentConfig:
+    batch = 16
+    return ExperimentConfig(
+        name=name,
+        description=description,
+        num_classes=80,
+        model=TwoStageConfig(
+            backbone=ResNetConfig(depth=depth, norm="BN", frozen_stages=1, norm_eval=True),
+            neck=FPNConfig(out_channels=256, num_outs=5),
+            rpn=RPNConfig(),
+            roi_head=RoIHeadConfig(num_classes=80, with_mask=with_mask),
+        ),
+        data=DataConfig(train_scales=((1333, 800),), test_scale=(1333, 800)),
+        train=TrainConfig(
+            max_iters=_epochs_to_iters(12, batch),
+            batch_size=batch,
+            checkpoint_every=5000,
+            schedule=ScheduleConfig(
+                base_lr=0.02,
+                momentum=0.9,
+                weight_decay=1e-4,
+                warmup_iters=500,
+                warmup_ratio=0.001,
+                steps=(_epochs_to_iters(8, batch), _epochs_to_iters(11, batch)),
+            ),
+        ),
+    )
+
+
+def faster_rcnn_r50_fpn_1x_coco() -> ExperimentConfig:
+    return _rcnn_r50_fpn_1x(
+        "faster_rcnn_r50_fpn_1x_coco", "Faster R-CNN R-50-FPN, mmdet 1x COCO recipe", 50, False
+    )
+
+
+def faster_rcnn_r101_fpn_1x_coco() -> ExperimentConfig:
+    return _rcnn_r50_fpn_1x(
+        "faster_rcnn_r101_fpn_1x_coco", "Faster R-CNN R-101-FPN, mmdet 1x COCO recipe", 101, False
+    )
+
+
+def mask_rcnn_r50_fpn_1x_coco() -> ExperimentConfig:
+    return _rcnn_r50_fpn_1x(
+        "mask_rcnn_r50_fpn_1x_coco",
+        "Mask R-CNN R-50-FPN, mmdet 1x COCO recipe (spec 1.5)",
+        50,
+        True,
+    )
+
+
+def mask_rcnn_r101_fpn_1x_coco() -> ExperimentConfig:
+    return _rcnn_r50_fpn_1x(
+        "mask_rcnn_r101_fpn_1x_coco", "Mask R-CNN R-101-FPN, mmdet 1x COCO recipe", 101, True
+    )
+
+
+def _rcnn_r18_fpn_small(name: str, description: str, with_mask: bool) -> ExperimentConfig:
+    """ResNet-18 (half width) FPN from scratch, short side 320: minutes on a CPU."""
+    channels = 64
+    return ExperimentConfig(
+        name=name,
+        description=description,
+        model=TwoStageConfig(
+            backbone=ResNetConfig(
+                depth=18, norm="BN", frozen_stages=-1, norm_eval=False, base_width=32
+            ),
+            neck=FPNConfig(out_channels=channels),
+            rpn=RPNConfig(
+                in_channels=channels,
+                feat_channels=channels,
+                train_nms_pre=1000,
+                train_max_per_image=500,
+                test_nms_pre=500,
+                test_max_per_image=300,
+            ),
+            roi_head=RoIHeadConfig(
+                with_mask=with_mask,
+                box_head=BoxHeadConfig(in_channels=channels, fc_channels=256),
+                mask_head=MaskHeadConfig(in_channels=channels, conv_channels=channels),
+            ),
+        ),
+        data=DataConfig(train_scales=((512, 288), (512, 320), (512, 352)), test_scale=(512, 320)),
+        train=TrainConfig(
+            max_iters=400,
+            batch_size=4,
+            checkpoint_every=100,
+            schedule=ScheduleConfig(
+                base_lr=0.02, warmup_iters=50, warmup_ratio=0.01, steps=(300, 370), grad_clip=10.0
+            ),
+        ),
+        eval=EvalConfig(max_dets=100, batch_size=4),
+    )
+
+
+def faster_rcnn_r18_fpn_small() -> ExperimentConfig:
+    return _rcnn_r18_fpn_small(
+        "faster_rcnn_r18_fpn_small",
+        "Faster R-CNN R-18-FPN (half width, from scratch), CPU-sized",
+        False,
+    )
+
+
+def mask_rcnn_r18_fpn_small() -> ExperimentConfig:
+    return _rcnn_r18_fpn_small(
+        "mask_rcnn_r18_fpn_small", "Mask R-CNN R-18-FPN (half width, from scratch), CPU-sized", True
+    )
+
+
+ZOO: dict[str, Callable[[], ExperimentConfig]] = {
+    fn.__name__: fn
+    for fn in (
+        faster_rcnn_r50_fpn_1x_coco,
+        faster_rcnn_r101_fpn_1x_coco,
+        mask_rcnn_r50_fpn_1x_coco,
+        mask_rcnn_r101_fpn_1x_coco,
+        faster_rcnn_r18_fpn_small,
+        mask_rcnn_r18_fpn_small,
+    )
+}
+
+
+def get_config(name: str) -> ExperimentConfig:
+    """A fresh copy of the named config; an unknown name lists the known ones."""
+    if name not in ZOO:
+        raise KeyError(f"unknown config {name!r}; known: {', '.join(sorted(ZOO))}")
+    return ZOO[name]()

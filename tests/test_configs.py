@@ -1,0 +1,102 @@
+"""The model zoo and dotted-key overrides."""
+
+import json
+
+import pytest
+
+from instseg.configs import (
+    ZOO,
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    from_dict,
+    get_config,
+    to_dict,
+)
+
+
+def test_every_zoo_config_builds_and_round_trips_through_json():
+    assert {
+        "faster_rcnn_r50_fpn_1x_coco",
+        "mask_rcnn_r50_fpn_1x_coco",
+        "faster_rcnn_r101_fpn_1x_coco",
+        "mask_rcnn_r101_fpn_1x_coco",
+        "faster_rcnn_r18_fpn_small",
+        "mask_rcnn_r18_fpn_small",
+    } <= set(ZOO)
+    for name in ZOO:
+        cfg = get_config(name)
+        assert cfg.name == name and cfg.description
+        assert cfg.model.roi_head.with_mask == name.startswith("mask")
+        rebuilt = from_dict(ExperimentConfig, json.loads(json.dumps(to_dict(cfg))))
+        assert rebuilt == cfg
+
+
+def test_coco_1x_recipe_matches_spec():
+    cfg = get_config("mask_rcnn_r50_fpn_1x_coco")
+    # 12 epochs of 118,287 images at 16 per iteration; steps after epochs 8 and 11.
+    assert cfg.train.batch_size == 16 and cfg.train.max_iters == 88715
+    assert cfg.train.schedule.steps == (59144, 81322)
+    assert cfg.train.schedule.base_lr == 0.02 and cfg.train.schedule.warmup_iters == 500
+    assert cfg.train.schedule.warmup_ratio == 0.001 and cfg.train.schedule.weight_decay == 1e-4
+    assert cfg.model.backbone.depth == 50 and cfg.model.backbone.frozen_stages == 1
+    assert cfg.model.backbone.norm_eval and cfg.model.rpn.nms_iou == 0.7
+    assert cfg.model.roi_head.sampler.num == 512 and cfg.model.roi_head.sampler.pos_fraction == 0.25
+    assert cfg.model.roi_head.box_extractor.sampling_ratio == 0
+    assert cfg.model.roi_head.score_thr == 0.05 and cfg.model.roi_head.max_per_image == 100
+    assert get_config("mask_rcnn_r101_fpn_1x_coco").model.backbone.depth == 101
+    assert get_config("mask_rcnn_r50_fpn_1x_coco") is not get_config("mask_rcnn_r50_fpn_1x_coco")
+
+
+def test_overrides_convert_to_the_declared_types():
+    cfg = get_config("mask_rcnn_r18_fpn_small")
+    apply_overrides(
+        cfg,
+        [
+            "model.backbone.depth=34",
+            "train.schedule.steps=(10, 20)",
+            "data.train_scales=((512, 320), (600, 360))",
+            "model.backbone.weights=/tmp/r18.pth",
+            "model.roi_head.with_mask=false",
+            "train.schedule.base_lr=0.01",
+            "num_classes=5",
+        ],
+    )
+    assert cfg.model.backbone.depth == 34
+    assert cfg.train.schedule.steps == (10, 20)
+    assert cfg.data.train_scales == ((512, 320), (600, 360))
+    assert cfg.model.backbone.weights == "/tmp/r18.pth"
+    assert cfg.model.roi_head.with_mask is False
+    assert cfg.train.schedule.base_lr == 0.01 and cfg.num_classes == 5
+    apply_overrides(cfg, ["model.backbone.weights=none", "num_classes=None"])
+    assert cfg.model.backbone.weights is None and cfg.num_classes is None
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("model.backbone.detph=50", r"unknown key 'model.backbone.detph'.*valid: .*depth"),
+        ("modle.backbone.depth=50", r"unknown key 'modle.backbone.depth'"),
+        ("model.backbone.depth=fifty", r"model.backbone.depth: expected int"),
+        ("model.backbone.depth=19", r"model.backbone.depth='19'"),
+        ("model.roi_head.with_mask=maybe", r"with_mask: expected true/false"),
+        ("train.schedule.steps=(1, x)", r"train.schedule.steps: expected a tuple"),
+        ("model.backbone", r"must look like key=value"),
+        ("model.backbone.depth.x=1", r"not a section"),
+    ],
+)
+def test_override_errors_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        apply_overrides(get_config("mask_rcnn_r18_fpn_small"), [override])
+
+
+def test_unknown_config_name_lists_known_ones():
+    with pytest.raises(KeyError, match="mask_rcnn_r50_fpn_1x_coco"):
+        get_config("mask_rcnn_r5O_fpn")
+
+
+def test_from_dict_rejects_unknown_keys():
+    data = to_dict(get_config("faster_rcnn_r18_fpn_small"))
+    data["model"]["backbone"]["colour"] = "blue"
+    with pytest.raises(ConfigError, match=r"model.backbone: unknown keys \['colour'\]"):
+        from_dict(ExperimentConfig, data)
