@@ -67,3 +67,110 @@ def test_benchmark_script_runs_quick(tmp_path):
     assert any(c.startswith("roi_align 7x7 s0") for c in cases)
     assert any(c.startswith("prroi_pool2d 7x7") for c in cases)
     assert all(row["ours_ms"] > 0 for row in rows)
+
+
+TINY = [
+    "model.backbone.base_width=8",
+    "model.neck.out_channels=16",
+    "model.rpn.in_channels=16",
+    "model.rpn.feat_channels=16",
+    "model.roi_head.box_head.in_channels=16",
+    "model.roi_head.box_head.fc_channels=32",
+    "model.roi_head.mask_head.in_channels=16",
+    "model.roi_head.mask_head.conv_channels=16",
+    "model.roi_head.mask_head.num_convs=1",
+    "data.train_scales=((160,96),)",
+    "data.test_scale=(160,96)",
+    "train.batch_size=2",
+    "train.log_every=1",
+]
+
+
+def test_train_eval_predict_resume_from_the_command_line(tmp_path, capsys):
+    from instseg.data import ShapesConfig, generate_shapes
+
+    data = tmp_path / "data"
+    cfg = ShapesConfig(num_images=4, image_size=(96, 128), max_size=40, seed=5)
+    ann = generate_shapes(data, cfg, "train")
+    work = tmp_path / "work"
+    base = ["train", "mask_rcnn_r18_fpn_small", "--work-dir", str(work)]
+    paths = ["--train-ann", str(ann), "--train-images", str(data)]
+    val = ["--val-ann", str(ann), "--val-images", str(data)]
+    assert main([*base, *paths, "--max-iters", "2", "--set", *TINY]) == 0
+    assert (work / "model_final.safetensors").is_file() and not (work / "metrics.json").exists()
+    # Continue the same run to 3 iterations, then evaluate on the val split.
+    assert main([*base, *paths, *val, "--max-iters", "3", "--resume", "--set", *TINY]) == 0
+    metrics = json.loads((work / "metrics.json").read_text())
+    assert set(metrics) == {"bbox", "segm"} and "AP50" in metrics["segm"]
+    log = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
+    assert [entry["iteration"] for entry in log] == [1, 2, 3]
+
+    weights = str(work / "model_final.safetensors")
+    out = tmp_path / "eval.json"
+    results = tmp_path / "results.json"
+    common = ["mask_rcnn_r18_fpn_small", "--checkpoint", weights, "--set", *TINY]
+    assert (
+        main(
+            [
+                "eval",
+                *common[:3],
+                "--ann",
+                str(ann),
+                "--images",
+                str(data),
+                "--max-dets",
+                "300",
+                "--out",
+                str(out),
+                "--results",
+                str(results),
+                "--set",
+                *TINY,
+            ]
+        )
+        == 0
+    )
+    assert json.loads(out.read_text()).keys() == {"bbox", "segm"}
+    for entry in json.loads(results.read_text()):
+        assert isinstance(entry["segmentation"]["counts"], str)
+        assert entry["category_id"] in (1, 3, 7)
+
+    pred = tmp_path / "pred"
+    assert (
+        main(
+            [
+                "predict",
+                *common[:3],
+                str(data / "images"),
+                "--out",
+                str(pred),
+                "--score-thr",
+                "0.0",
+                "--set",
+                *TINY,
+            ]
+        )
+        == 0
+    )
+    assert len(list(pred.glob("*_pred.png"))) == 4
+    assert len(json.loads((pred / "images.json").read_text())) == 4
+    json.loads((pred / "results.json").read_text())
+
+
+def test_cli_errors_are_one_line_and_name_the_problem(tmp_path, capsys):
+    assert main(["train", "mask_rcnn_r5O_fpn", "--train-ann", "x.json", "--train-images", "x"]) == 2
+    assert "unknown config 'mask_rcnn_r5O_fpn'" in capsys.readouterr().err
+    assert main(["train", "mask_rcnn_r18_fpn_small", "--set", "model.backbone.detph=3"]) == 2
+    assert "model.backbone.detph" in capsys.readouterr().err
+    missing = tmp_path / "missing.json"
+    code = main(
+        [
+            "train",
+            "mask_rcnn_r18_fpn_small",
+            "--train-ann",
+            str(missing),
+            "--train-images",
+            str(tmp_path),
+        ]
+    )
+    assert code == 2 and "missing.json" in capsys.readouterr().err

@@ -68,6 +68,25 @@ class DetectionTransform:
         self.mean = torch.tensor(cfg.mean).view(3, 1, 1)
         self.std = torch.tensor(cfg.std).view(3, 1, 1)
 
+    def prepare_image(
+        self, image: np.ndarray, image_id: int = 0, file_name: str = ""
+    ) -> tuple[Tensor, ImageInfo]:
+        """An image without annotations (e.g. for prediction) through the test-time path."""
+        height, width = image.shape[:2]
+        new_h, new_w = rescaled_size(height, width, self.cfg.scales[0])
+        tensor = self._image_tensor(image, (new_h, new_w), flip=False)
+        info = ImageInfo(
+            image_id, file_name, (height, width), (new_h, new_w), (new_h / height, new_w / width)
+        )
+        return tensor, info
+
+    def _image_tensor(self, image: np.ndarray, size: tuple[int, int], flip: bool) -> Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+        tensor = resize_image(tensor, size)
+        if flip:
+            tensor = tensor.flip(-1)
+        return (tensor - self.mean) / self.std
+
     def __call__(
         self, image: np.ndarray, record: ImageRecord, dataset: Any, rng: torch.Generator
     ) -> tuple[Tensor, InstanceTargets, ImageInfo]:
@@ -80,8 +99,7 @@ class DetectionTransform:
         flip = self.train and float(torch.rand((), generator=rng)) < self.cfg.flip_prob
         sy, sx = new_h / height, new_w / width
 
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
-        tensor = resize_image(tensor, (new_h, new_w))
+        tensor = self._image_tensor(image, (new_h, new_w), flip)
         scale = torch.tensor([sx, sy, sx, sy])
         boxes = torch.from_numpy(record.boxes) * scale
         ignore = torch.from_numpy(record.crowd_boxes) * scale
@@ -89,7 +107,6 @@ class DetectionTransform:
         if dataset.with_masks:
             masks = decode_masks(record.segmentations, height, width, (new_h, new_w))
         if flip:
-            tensor = tensor.flip(-1)
             boxes = torch.stack(
                 [new_w - boxes[:, 2], boxes[:, 1], new_w - boxes[:, 0], boxes[:, 3]], 1
             )
@@ -100,7 +117,6 @@ class DetectionTransform:
                 masks = masks.flip(-1)
         limits = torch.tensor([new_w, new_h, new_w, new_h], dtype=boxes.dtype)
         boxes = torch.minimum(boxes.clamp(min=0), limits)
-        tensor = (tensor - self.mean) / self.std
         targets = InstanceTargets(
             boxes=boxes.float(),
             labels=torch.from_numpy(dataset.labels_of(record)),

@@ -1,0 +1,228 @@
+"""What the ``instseg`` commands do: train, evaluate and predict from a config.
+
+Kept apart from argument parsing so that scripts and tests can call the same functions.
+A trained model's checkpoint json (``model_final.json`` next to ``model_final.safetensors``)
+records the config and the categories (dataset id and name per label); eval and predict
+read both from there, so labels always map back to the right category ids.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .configs import ExperimentConfig, from_dict, to_dict
+from .data import Category, CocoDataset, DetectionTransform, TransformConfig, read_image
+from .data.coco import DataError
+from .data.loader import pad_images
+from .engine import load_weights_only, train
+from .engine.inference import evaluate_model
+from .evaluation import format_table, instances_to_coco_results, write_json, write_results
+from .modeling.detectors import TwoStageDetector
+from .visualize import draw_instances
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def build_model(cfg: ExperimentConfig, num_classes: int) -> TwoStageDetector:
+    """The detector of ``cfg`` with ``num_classes`` classes (the config is not modified)."""
+    model_cfg = copy.deepcopy(cfg.model)
+    model_cfg.roi_head.num_classes = num_classes
+    return TwoStageDetector(model_cfg)
+
+
+def test_transform(cfg: ExperimentConfig) -> DetectionTransform:
+    tcfg = TransformConfig(
+        scales=(cfg.data.test_scale,), flip_prob=0.0, size_divisor=cfg.train.size_divisor
+    )
+    return DetectionTransform(tcfg, train=False)
+
+
+def _train_transform(cfg: ExperimentConfig) -> DetectionTransform:
+    tcfg = TransformConfig(
+        scales=cfg.data.train_scales,
+        flip_prob=cfg.data.flip_prob,
+        size_divisor=cfg.train.size_divisor,
+    )
+    return DetectionTransform(tcfg, train=True)
+
+
+@dataclass
+class TrainedModel:
+    """A model with its config and categories, loaded from a weights file."""
+
+    model: TwoStageDetector
+    cfg: ExperimentConfig
+    categories: list[Category]
+
+
+def load_trained(weights: str | Path, cfg: ExperimentConfig | None = None) -> TrainedModel:
+    """Load ``weights`` (``.safetensors``) with the config and categories of its checkpoint
+    json. ``cfg``, when given, replaces the stored config (e.g. to change test settings)."""
+    weights = Path(weights)
+    meta_path = weights.with_suffix(".json")
+    if not meta_path.is_file():
+        raise FileNotFoundError(
+            f"{meta_path} not found: it records the categories and config the weights "
+            f"{weights.name} were trained with (written by `instseg train`)"
+        )
+    state = json.loads(meta_path.read_text())["state"]
+    if "categories" not in state:
+        raise DataError(f"{meta_path} records no categories")
+    categories = [Category(int(i), str(n)) for i, n in state["categories"]]
+    if cfg is None:
+        cfg = from_dict(ExperimentConfig, state["config"])
+    model = build_model(cfg, len(categories))
+    load_weights_only(weights, model)
+    model.eval()
+    return TrainedModel(model, cfg, categories)
+
+
+def run_train(
+    cfg: ExperimentConfig,
+    work_dir: str | Path,
+    resume: bool = False,
+    device: str = "cpu",
+) -> dict:
+    """Train on ``cfg.data`` train paths; evaluate on the val paths when given.
+
+    Writes checkpoints, ``log.jsonl``, ``config.json`` and (after evaluation)
+    ``metrics.json`` into ``work_dir``; returns the metrics (empty without val data).
+    """
+    if not cfg.data.train_ann or not cfg.data.train_images:
+        raise ValueError(
+            "training needs data.train_ann and data.train_images (--train-ann/--train-images)"
+        )
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with_masks = cfg.model.roi_head.with_mask
+    dataset = CocoDataset(
+        cfg.data.train_ann,
+        cfg.data.train_images,
+        _train_transform(cfg),
+        with_masks=with_masks,
+        skip_empty=cfg.data.skip_empty,
+    )
+    categories = dataset.categories
+    num_classes = cfg.num_classes or len(categories)
+    if num_classes < len(categories):
+        raise DataError(
+            f"num_classes={num_classes} is pinned but {cfg.data.train_ann} has "
+            f"{len(categories)} categories"
+        )
+    model = build_model(cfg, num_classes).to(device)
+    write_json(work_dir / "config.json", to_dict(cfg))
+    extra = {"config": to_dict(cfg), "categories": [[c.id, c.name] for c in categories]}
+    result = train(model, dataset, cfg.train, work_dir, resume=resume, extra_state=extra)
+    if result.status != "finished":
+        print(f"stopped at iteration {result.iteration}; checkpoint in {work_dir} (use --resume)")
+        return {}
+    if not (cfg.data.val_ann and cfg.data.val_images):
+        return {}
+    val = CocoDataset(
+        cfg.data.val_ann,
+        cfg.data.val_images,
+        test_transform(cfg),
+        categories=categories,
+        with_masks=with_masks,
+    )
+    metrics = evaluate_model(
+        model, val, cfg.eval.batch_size, device, cfg.eval.max_dets, work_dir / "results.json"
+    )
+    write_json(work_dir / "metrics.json", metrics)
+    print(format_table(metrics))
+    return metrics
+
+
+def run_eval(
+    weights: str | Path,
+    ann: str | Path,
+    images: str | Path,
+    cfg: ExperimentConfig | None = None,
+    max_dets: int | None = None,
+    out: str | Path | None = None,
+    results: str | Path | None = None,
+    device: str = "cpu",
+) -> dict:
+    """COCO metrics of trained ``weights`` on a dataset whose categories the model knows."""
+    trained = load_trained(weights, cfg)
+    dataset = CocoDataset(
+        ann,
+        images,
+        test_transform(trained.cfg),
+        categories=trained.categories,
+        with_masks=trained.cfg.model.roi_head.with_mask,
+    )
+    metrics = evaluate_model(
+        trained.model.to(device),
+        dataset,
+        trained.cfg.eval.batch_size,
+        device,
+        max_dets or trained.cfg.eval.max_dets,
+        results,
+    )
+    print(format_table(metrics))
+    if out is not None:
+        write_json(out, metrics)
+    return metrics
+
+
+def list_images(inputs: list[str | Path]) -> list[Path]:
+    """Image files named directly or found (sorted) in the named folders."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"input not found: {path}")
+    if not files:
+        raise FileNotFoundError(f"no images found in {[str(i) for i in inputs]}")
+    return files
+
+
+@torch.no_grad()
+def run_predict(
+    weights: str | Path,
+    inputs: list[str | Path],
+    out_dir: str | Path,
+    score_thr: float = 0.3,
+    cfg: ExperimentConfig | None = None,
+    device: str = "cpu",
+) -> Path:
+    """Predict on image files/folders; writes ``results.json`` (COCO results, image ids in
+    ``images.json``) and one overlay PNG per image into ``out_dir``. Returns the results path."""
+    trained = load_trained(weights, cfg)
+    model = trained.model.to(device)
+    transform = test_transform(trained.cfg)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [c.name for c in trained.categories]
+    category_ids = [c.id for c in trained.categories]
+    results, images_index = [], []
+    for image_id, path in enumerate(list_images(inputs), start=1):
+        image = read_image(path)
+        tensor, info = transform.prepare_image(image, image_id, str(path))
+        batch = pad_images([tensor], trained.cfg.train.size_divisor).to(device)
+        detections = model.predict(batch, [info])[0].to("cpu")
+        kept = detections[(detections.scores >= score_thr).nonzero().flatten()]
+        results += instances_to_coco_results(kept, image_id, category_ids)
+        images_index.append(
+            {
+                "id": image_id,
+                "file_name": str(path),
+                "height": image.shape[0],
+                "width": image.shape[1],
+            }
+        )
+        overlay = draw_instances(image, kept, names)
+        overlay.save(out_dir / f"{path.stem}_pred.png")
+    write_results(out_dir / "results.json", results)
+    write_json(out_dir / "images.json", images_index)
+    return out_dir / "results.json"
