@@ -305,7 +305,7 @@ def test_crash_between_files_keeps_previous_checkpoint(tmp_path, monkeypatch):
     model, optimizer = _stepped()
     save_checkpoint(tmp_path, "iter_00000002", model, optimizer, {"iteration": 2})
     good = _weights(model)
-    real_write = checkpoint_module._atomic_write_bytes
+    real_write = checkpoint_module.atomic_write_bytes
 
     def crash_on(suffix: str):
         def write(path: Path, data: bytes) -> None:
@@ -319,7 +319,7 @@ def test_crash_between_files_keeps_previous_checkpoint(tmp_path, monkeypatch):
         for p in model.parameters():
             p.add_(1.0)
     # Crash after the tensors, before the json (the commit marker).
-    monkeypatch.setattr(checkpoint_module, "_atomic_write_bytes", crash_on(".json"))
+    monkeypatch.setattr(checkpoint_module, "atomic_write_bytes", crash_on(".json"))
     with pytest.raises(OSError, match="simulated crash"):
         save_checkpoint(tmp_path, "iter_00000004", model, optimizer, {"iteration": 4})
     assert (tmp_path / "iter_00000004.safetensors").exists()
@@ -327,19 +327,19 @@ def test_crash_between_files_keeps_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"iter_00000004\.json"):
         load_checkpoint(tmp_path, "iter_00000004", _model())
     # Crash between the weights and the optimizer file: the same.
-    monkeypatch.setattr(checkpoint_module, "_atomic_write_bytes", crash_on(".optim.safetensors"))
+    monkeypatch.setattr(checkpoint_module, "atomic_write_bytes", crash_on(".optim.safetensors"))
     with pytest.raises(OSError, match="simulated crash"):
         save_checkpoint(tmp_path, "iter_00000006", model, optimizer, {"iteration": 6})
     assert latest_checkpoint(tmp_path) == "iter_00000002"
     # No temporary files are left behind.
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
-    monkeypatch.setattr(checkpoint_module, "_atomic_write_bytes", real_write)
+    monkeypatch.setattr(checkpoint_module, "atomic_write_bytes", real_write)
     restored = _model()
     assert load_checkpoint(tmp_path, "iter_00000002", restored, optimizer)["iteration"] == 2
     _assert_identical(_weights(restored), good)
     # Saving a name again un-commits it first: a crash leaves no stale json behind.
-    monkeypatch.setattr(checkpoint_module, "_atomic_write_bytes", crash_on(".json"))
+    monkeypatch.setattr(checkpoint_module, "atomic_write_bytes", crash_on(".json"))
     with pytest.raises(OSError):
         save_checkpoint(tmp_path, "iter_00000002", model, optimizer, {"iteration": 2})
     assert latest_checkpoint(tmp_path) is None

@@ -11,7 +11,6 @@ It draws a synthetic scene, then:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from .fileio import atomic_write_json
 from .ops import batched_nms, box_iou, paste_masks_in_image, prroi_pool2d, roi_align, roi_pool
 
 IMAGE_SIZE = 192
@@ -145,7 +145,5 @@ def run(work_dir: Path, seed: int = 0) -> dict:
         "nms": {"candidates": candidates.shape[0], "kept": len(keep)},
         "pasted_mask_iou": [round(v, 4) for v in mask_iou],
     }
-    tmp = work_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(work_dir / "summary.json")
+    atomic_write_json(work_dir / "summary.json", summary, indent=2)
     return summary

@@ -28,9 +28,9 @@ How, and why:
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
+
+from ..fileio import atomic_write_bytes, atomic_write_text
 
 __all__ = ["CATEGORIES", "ShapesConfig", "generate_shapes", "make_demo_splits"]
 
@@ -325,18 +327,10 @@ def _segmentation(shape: _Shape, mask: np.ndarray, occluded: bool) -> Any:
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
-def _write_atomic(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then move it into place.
-
-    The temporary name is per process; plain ``open`` keeps the usual umask permissions.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def _png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
 
 
 def generate_shapes(out_dir: Path, cfg: ShapesConfig, split_name: str = "train") -> Path:
@@ -357,12 +351,7 @@ def generate_shapes(out_dir: Path, cfg: ShapesConfig, split_name: str = "train")
     for index in range(cfg.num_images):
         pixels, objects = _render(cfg, index)
         file_name = f"images/{split_name}_{index:05d}.png"
-        _write_atomic(
-            out_dir / file_name,
-            lambda tmp, pixels=pixels: Image.fromarray(pixels).save(
-                tmp, format="PNG", compress_level=1
-            ),
-        )
+        atomic_write_bytes(out_dir / file_name, _png_bytes(pixels))
         image_id = index + 1
         h, w = pixels.shape[:2]
         images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
@@ -393,7 +382,7 @@ def generate_shapes(out_dir: Path, cfg: ShapesConfig, split_name: str = "train")
     }
     text = json.dumps(dataset, separators=(",", ":"))
     json_path = out_dir / f"{split_name}.json"
-    _write_atomic(json_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write_text(json_path, text)
     return json_path
 
 

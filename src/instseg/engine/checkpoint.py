@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,8 @@ import numpy as np
 import safetensors.torch
 import torch
 from torch import Tensor, nn
+
+from ..fileio import atomic_write_bytes, fsync_dir
 
 FORMAT = "instseg.checkpoint"
 VERSION = 1
@@ -57,36 +58,6 @@ def checkpoint_files(work_dir: str | Path, name: str) -> tuple[Path, Path, Path]
 
 
 # ----------------------------------------------------------------------------- file writing
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or all of it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _storage_key(t: Tensor) -> int:
@@ -236,7 +207,7 @@ def remove_checkpoint(work_dir: str | Path, name: str) -> None:
     for path in (meta, weights, optim):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-    _fsync_dir(Path(work_dir))
+    fsync_dir(Path(work_dir))
 
 
 def save_checkpoint(
@@ -289,14 +260,14 @@ def save_checkpoint(
     # Un-commit an older save of the same name before replacing its files.
     if json_path.exists():
         json_path.unlink()
-        _fsync_dir(work_dir)
-    _atomic_write_bytes(weights_path, weights)
+        fsync_dir(work_dir)
+    atomic_write_bytes(weights_path, weights)
     if optim_bytes is not None:
-        _atomic_write_bytes(optim_path, optim_bytes)
+        atomic_write_bytes(optim_path, optim_bytes)
     else:
         with contextlib.suppress(FileNotFoundError):
             optim_path.unlink()
-    _atomic_write_bytes(json_path, text)
+    atomic_write_bytes(json_path, text)
     return json_path
 
 

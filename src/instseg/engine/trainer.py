@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.loader import GroupedBatchSampler, make_collate
+from ..fileio import atomic_write_text
 from .checkpoint import (
     FINAL_NAME,
     WEIGHTS_SUFFIX,
@@ -317,9 +318,7 @@ def _trim_log(path: Path, iteration: int) -> None:
         except (ValueError, KeyError, TypeError):
             continue
         kept.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(kept), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, "".join(kept))
 
 
 # ----------------------------------------------------------------------------- the loop

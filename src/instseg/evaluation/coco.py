@@ -17,8 +17,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from instseg.fileio import atomic_write_json
 from instseg.structures import Instances
 
 IOU_TYPES = ("bbox", "segm")
@@ -109,24 +108,12 @@ def instances_to_coco_results(
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as json atomically: a temp file in the same folder, then ``os.replace``.
+    """Write ``obj`` as json atomically (see :mod:`instseg.fileio`); NaN is an error.
 
     An interrupted or failed write (e.g. a non-serialisable value, NaN) leaves the previous
     file untouched and no temp file behind.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write_json(path, obj)
 
 
 def write_results(path: str | Path, results: list[dict[str, Any]]) -> None:
