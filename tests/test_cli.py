@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_demo_writes_outputs_and_refines_the_box(tmp_path, capsys):
-    assert main(["demo", "--work-dir", str(tmp_path)]) == 0
+    assert main(["demo", "--ops", "--work-dir", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     refine = summary["prroi_box_refinement"]
     # Gradient descent on the box coordinates through prroi_pool2d must recover the template.
@@ -174,3 +174,17 @@ def test_cli_errors_are_one_line_and_name_the_problem(tmp_path, capsys):
         ]
     )
     assert code == 2 and "missing.json" in capsys.readouterr().err
+
+
+def test_detector_demo_end_to_end_and_rerun_reuses_the_run(tmp_path):
+    from instseg.demo import run_demo
+
+    overrides = [*TINY, "train.max_iters=2", "train.checkpoint_every=0"]
+    metrics = run_demo(tmp_path, overrides=overrides, num_train=6, num_val=3)
+    assert set(metrics) == {"bbox", "segm"}
+    assert (tmp_path / "loss_curve.png").read_bytes().startswith(b"\x89PNG")
+    assert len(list((tmp_path / "overlays").glob("*_pred.png"))) == 3
+    saved = json.loads((tmp_path / "train" / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    again = run_demo(tmp_path, overrides=overrides, num_train=6, num_val=3)
+    assert again == metrics
