@@ -1,7 +1,7 @@
 """``instseg demo``: train the small Mask R-CNN on synthetic shapes, on a CPU, end to end.
 
 Generates the shapes dataset (a train split and a held-out val split), trains
-``mask_rcnn_r18_fpn_small`` at the shapes' native resolution, evaluates COCO box and mask
+``mask_rcnn_r18_fpn_small`` (short side 256), evaluates COCO box and mask
 AP on the val split, and writes overlays of predictions and a loss-curve PNG. Re-running
 with the same work dir resumes (or reuses) the training run instead of starting over.
 """
@@ -18,14 +18,15 @@ from .data import make_demo_splits
 from .engine import latest_checkpoint
 from .runner import run_predict, run_train
 
-# Native resolution of the shapes images (about 192x256): no upsampling, so it is fast.
+# Shapes images are about 192x256; short side 256 keeps the smallest objects learnable.
+# 520 iterations of 4 images take about 11 minutes on 2 CPU cores.
 DEMO_OVERRIDES = [
-    "data.train_scales=((320, 192),)",
-    "data.test_scale=(320, 192)",
-    "train.max_iters=560",
-    "train.checkpoint_every=140",
-    "train.schedule.steps=(440, 520)",
-    "train.log_every=20",
+    "data.train_scales=((416, 256),)",
+    "data.test_scale=(416, 256)",
+    "train.max_iters=520",
+    "train.checkpoint_every=130",
+    "train.schedule.steps=(420, 490)",
+    "train.log_every=25",
 ]
 
 

@@ -35,7 +35,7 @@ def build_model(cfg: ExperimentConfig, num_classes: int) -> TwoStageDetector:
     return TwoStageDetector(model_cfg)
 
 
-def test_transform(cfg: ExperimentConfig) -> DetectionTransform:
+def eval_transform(cfg: ExperimentConfig) -> DetectionTransform:
     tcfg = TransformConfig(
         scales=(cfg.data.test_scale,), flip_prob=0.0, size_divisor=cfg.train.size_divisor
     )
@@ -126,7 +126,7 @@ def run_train(
     val = CocoDataset(
         cfg.data.val_ann,
         cfg.data.val_images,
-        test_transform(cfg),
+        eval_transform(cfg),
         categories=categories,
         with_masks=with_masks,
     )
@@ -153,7 +153,7 @@ def run_eval(
     dataset = CocoDataset(
         ann,
         images,
-        test_transform(trained.cfg),
+        eval_transform(trained.cfg),
         categories=trained.categories,
         with_masks=trained.cfg.model.roi_head.with_mask,
     )
@@ -200,7 +200,7 @@ def run_predict(
     ``images.json``) and one overlay PNG per image into ``out_dir``. Returns the results path."""
     trained = load_trained(weights, cfg)
     model = trained.model.to(device)
-    transform = test_transform(trained.cfg)
+    transform = eval_transform(trained.cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [c.name for c in trained.categories]
