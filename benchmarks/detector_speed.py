@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
-from collections.abc import Callable
 
 import torch
 
+from _timing import median_seconds  # sibling module of this script
 from instseg.configs import get_config
 from instseg.runner import build_model
 from instseg.structures import ImageBatch, ImageInfo, InstanceTargets
@@ -40,21 +38,6 @@ def random_targets(batch: int, num_classes: int, device: torch.device) -> list[I
         labels = torch.randint(0, num_classes, (n,), generator=g)
         targets.append(InstanceTargets(boxes, labels, masks).to(device))
     return targets
-
-
-def timed(fn: Callable[[], object], device: torch.device, iters: int) -> float:
-    """Median seconds per call after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def torchvision_model(device: torch.device):
@@ -105,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             model.predict(images, infos)
 
     rows = []
-    t_train = timed(train_step, device, args.iters)
-    t_infer = timed(infer, device, args.iters)
+    t_train = median_seconds(train_step, device, args.iters)
+    t_infer = median_seconds(infer, device, args.iters)
     rows.append(
         {"impl": "instseg", "train_it_per_s": 1 / t_train, "infer_img_per_s": args.batch / t_infer}
     )
@@ -139,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(
             {
                 "impl": "torchvision",
-                "train_it_per_s": 1 / timed(tv_train, device, args.iters),
-                "infer_img_per_s": args.batch / timed(tv_infer, device, args.iters),
+                "train_it_per_s": 1 / median_seconds(tv_train, device, args.iters),
+                "infer_img_per_s": args.batch / median_seconds(tv_infer, device, args.iters),
             }
         )
 

@@ -17,14 +17,13 @@ import argparse
 import json
 import math
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 
+from _timing import median_seconds
 from instseg import ops
 
 STRIDES = (4, 8, 16, 32)
@@ -57,17 +56,7 @@ def load_torchvision():
 
 def timeit(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
     """Median wall time of ``fn`` in milliseconds, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return median_seconds(fn, device, repeat) * 1e3
 
 
 def random_rois(n: int, batch: int, device: torch.device, seed: int = 0) -> torch.Tensor:
