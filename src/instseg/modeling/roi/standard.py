@@ -169,29 +169,24 @@ class StandardRoIHead(nn.Module):
             keep = batched_nms(det_boxes, det_scores, label, cfg.nms_iou)[: cfg.max_per_image]
             results.append(Instances(det_boxes[keep], det_scores[keep], label[keep]))
 
+        # Mask RoIs live in the network input frame: take the boxes before rescaling them.
+        input_boxes = [r.boxes for r in results]
         if infos is not None:
             for result, info in zip(results, infos, strict=True):
                 sy, sx = info.scale
                 result.boxes = result.boxes / result.boxes.new_tensor([sx, sy, sx, sy])
         if cfg.with_mask:
-            self._predict_masks(feats, results, image_sizes, infos)
+            self._predict_masks(feats, results, input_boxes, image_sizes, infos)
         return results
 
     def _predict_masks(
         self,
         feats: list[Tensor],
         results: list[Instances],
+        input_boxes: list[Tensor],
         image_sizes: list[tuple[int, int]],
         infos: list[ImageInfo] | None,
     ) -> None:
-        # Mask RoIs live in the network input frame.
-        input_boxes = []
-        for i, result in enumerate(results):
-            boxes = result.boxes
-            if infos is not None:
-                sy, sx = infos[i].scale
-                boxes = boxes * boxes.new_tensor([sx, sy, sx, sy])
-            input_boxes.append(boxes)
         rois = _rois(input_boxes)
         probs = self.mask_head(self.mask_roi_extractor(feats, rois)) if rois.shape[0] else None
         labels = torch.cat([r.labels for r in results])
