@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..data.coco import CocoDataset
-from ..data.loader import GroupedBatchSampler, make_collate
+from ..data.loader import build_loader
 from ..evaluation import evaluate_coco, instances_to_coco_results, write_results
 from ..structures import ImageInfo, Instances
 
@@ -29,14 +29,8 @@ def predict_dataset(
     """
     was_training = model.training
     model.eval()
-    sampler = GroupedBatchSampler(
-        [r.aspect_ratio for r in dataset.records], batch_size, shuffle=False
-    )
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=make_collate(size_divisor),
-        num_workers=num_workers,
+    loader = build_loader(
+        dataset, batch_size, train=False, num_workers=num_workers, size_divisor=size_divisor
     )
     try:
         for images, _, infos in loader:
