@@ -269,7 +269,7 @@ def test_resnet101_block_counts():
 
 
 def test_init_kaiming_fan_out_and_unit_norms():
-    model = tiny(18, base_width=16)
+    model = tiny(18, base_width=16, zero_init_residual=False)
     weight = model.layer3[1].conv2.weight  # 64 x 64 x 3 x 3, fan_out 576
     assert weight.std().item() == pytest.approx(math.sqrt(2.0 / 576), rel=0.05)
     # a 1x1 expand conv tells fan_out (256) from fan_in (64)
@@ -278,6 +278,21 @@ def test_init_kaiming_fan_out_and_unit_norms():
     for m in bn_modules(model):
         assert torch.equal(m.weight, torch.ones_like(m.weight))
         assert torch.equal(m.bias, torch.zeros_like(m.bias))
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_zero_init_residual_makes_every_block_start_as_identity(depth):
+    model = tiny(depth).eval()
+    last_norms = {"bn2"} if depth == 18 else {"bn3"}
+    for name, m in model.named_modules():
+        if name.rsplit(".", 1)[-1] in last_norms and name.startswith("layer"):
+            assert torch.equal(m.weight, torch.zeros_like(m.weight)), name
+        elif isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+            assert torch.equal(m.weight, torch.ones_like(m.weight)), name
+    # A block without a downsample then maps a non-negative input to itself.
+    block = model.layer2[1]
+    x = torch.rand(1, block.conv1.in_channels, 8, 8)
+    assert torch.equal(block(x), x)
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,8 +35,11 @@ class ResNetConfig:
     ``frozen_stages = k >= 0`` freezes the stem and ``layer1..layerk`` (no gradients, norms in
     eval mode); ``-1`` freezes nothing. ``norm_eval`` keeps every BN / SyncBN in eval mode
     while training. ``base_width`` is the stem width (64 = standard); every channel count
-    scales with it, so tests can build narrow nets. ``weights`` is a local checkpoint loaded
-    at construction (``.safetensors`` or a torch file).
+    scales with it, so tests can build narrow nets. ``zero_init_residual`` starts the last
+    norm of every residual branch at weight 0 (mmdet's default), so that each block starts as
+    the identity: without it, a net trained from scratch with frozen norms (``norm_eval``)
+    diverges. ``weights`` is a local checkpoint loaded at construction (``.safetensors`` or a
+    torch file), after initialisation.
     """
 
     depth: int = 50
@@ -45,6 +48,7 @@ class ResNetConfig:
     norm_eval: bool = True
     out_indices: tuple[int, ...] = (0, 1, 2, 3)
     base_width: int = 64
+    zero_init_residual: bool = True
     weights: str | None = None
 
     def __post_init__(self) -> None:
@@ -329,13 +333,20 @@ class ResNet(nn.Module):
         return [self.conv1, self.bn1, *self._stages()[:k]]
 
     def _init_weights(self) -> None:
-        """Kaiming-normal (fan_out, relu) convs, norms at weight 1 / bias 0 (mmcv, torchvision)."""
+        """Kaiming-normal (fan_out, relu) convs, norms at weight 1 / bias 0 (mmcv, torchvision);
+        the last norm of each residual branch at 0 with ``zero_init_residual``."""
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm)):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+        if self.cfg.zero_init_residual:
+            for block in self.modules():
+                if isinstance(block, Bottleneck):
+                    nn.init.zeros_(block.bn3.weight)
+                elif isinstance(block, BasicBlock):
+                    nn.init.zeros_(block.bn2.weight)
 
     def train(self, mode: bool = True) -> ResNet:
         """Set the mode, then put frozen stages (and every BN when ``norm_eval``) back in eval."""
