@@ -59,7 +59,7 @@ def _check_nms_args(boxes: Tensor, scores: Tensor, iou_threshold: float) -> None
         raise ValueError(f"iou_threshold must be a number, got {iou_threshold!r}")
 
 
-def _greedy_keep(boxes: Tensor, groups: Tensor | None, iou_threshold: float) -> Tensor:
+def _greedy_keep(boxes: Tensor, iou_threshold: float) -> Tensor:
     """Keep mask of greedy NMS over ``boxes`` already sorted by decreasing score.
 
     Boxes are processed in blocks. Inside a block, ``keep[i] = alive[i] and no kept j < i
@@ -70,19 +70,12 @@ def _greedy_keep(boxes: Tensor, groups: Tensor | None, iou_threshold: float) -> 
     n = boxes.shape[0]
     keep = torch.zeros(n, dtype=torch.bool, device=boxes.device)
     kept_boxes = boxes[:0]
-    kept_groups = groups[:0] if groups is not None else None
     for start in range(0, n, _NMS_BLOCK):
         block = boxes[start : start + _NMS_BLOCK]
-        block_groups = groups[start : start + _NMS_BLOCK] if groups is not None else None
         alive = torch.ones(block.shape[0], dtype=torch.bool, device=boxes.device)
         if kept_boxes.shape[0] > 0:
-            hit = box_iou(kept_boxes, block) > iou_threshold
-            if groups is not None:
-                hit &= kept_groups[:, None] == block_groups[None, :]
-            alive = ~hit.any(0)
+            alive = ~(box_iou(kept_boxes, block) > iou_threshold).any(0)
         overlap = (box_iou(block, block) > iou_threshold).triu(1)
-        if groups is not None:
-            overlap &= block_groups[:, None] == block_groups[None, :]
         block_keep = alive
         while True:
             suppressed = (overlap & block_keep[:, None]).any(0)
@@ -92,8 +85,6 @@ def _greedy_keep(boxes: Tensor, groups: Tensor | None, iou_threshold: float) -> 
             block_keep = updated
         keep[start : start + block.shape[0]] = block_keep
         kept_boxes = torch.cat([kept_boxes, block[block_keep]])
-        if groups is not None:
-            kept_groups = torch.cat([kept_groups, block_groups[block_keep]])
     return keep
 
 
@@ -101,23 +92,38 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """Indices of the boxes kept by greedy NMS, sorted by decreasing score (torchvision)."""
     _check_nms_args(boxes, scores, iou_threshold)
     order = torch.sort(scores, descending=True, stable=True).indices
-    keep = _greedy_keep(boxes[order], None, float(iou_threshold))
+    keep = _greedy_keep(boxes[order], float(iou_threshold))
     return order[keep]
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
     """NMS done independently per category ``idxs``; kept indices by decreasing score.
 
-    Boxes of different categories never suppress each other. Unlike the coordinate-offset
-    trick, comparing the categories directly is exact for any coordinate range.
+    Boxes of different categories never suppress each other. Each category's boxes are
+    compared only with each other (the work is the sum of the squared category sizes, not
+    the square of the total), which, unlike the coordinate-offset trick, is also exact for
+    any coordinate range.
     """
     _check_nms_args(boxes, scores, iou_threshold)
     if not isinstance(idxs, Tensor) or idxs.shape != scores.shape:
         got = tuple(idxs.shape) if isinstance(idxs, Tensor) else type(idxs).__name__
         raise ValueError(f"idxs must be a Tensor[{scores.shape[0]}] (one per box), got {got}")
     order = torch.sort(scores, descending=True, stable=True).indices
-    keep = _greedy_keep(boxes[order], idxs[order], float(iou_threshold))
-    return order[keep]
+    # Group by category, score order inside each group (both sorts stable).
+    order = order[torch.sort(idxs[order], stable=True).indices]
+    counts = torch.unique_consecutive(idxs[order], return_counts=True)[1].tolist()
+    keep = (
+        torch.cat(
+            [
+                _greedy_keep(boxes[group], float(iou_threshold))
+                for group in torch.split(order, counts)
+            ]
+        )
+        if counts
+        else order.new_zeros(0, dtype=torch.bool)
+    )
+    kept = torch.sort(order[keep]).values  # index order, so the next sort breaks ties by index
+    return kept[torch.sort(scores[kept], descending=True, stable=True).indices]
 
 
 def clip_boxes_to_image(boxes: Tensor, size: tuple[int, int]) -> Tensor:
