@@ -131,6 +131,14 @@ def test_train_eval_predict_resume_from_the_command_line(tmp_path, capsys):
         == 0
     )
     assert json.loads(out.read_text()).keys() == {"bbox", "segm"}
+    # --max-dets 300 also raised the model's detection caps (100 / 300 in the config).
+    from instseg.runner import load_trained
+
+    raised = load_trained(weights, max_dets=300).model
+    assert raised.roi_head.cfg.max_per_image == 300
+    assert raised.rpn_head.cfg.test_max_per_image == 300 and raised.rpn_head.cfg.test_nms_pre == 500
+    stored = load_trained(weights).model
+    assert stored.roi_head.cfg.max_per_image == 100
     for entry in json.loads(results.read_text()):
         assert isinstance(entry["segmentation"]["counts"], str)
         assert entry["category_id"] in (1, 3, 7)

@@ -35,6 +35,18 @@ def build_model(cfg: ExperimentConfig, num_classes: int) -> TwoStageDetector:
     return TwoStageDetector(model_cfg)
 
 
+def with_detection_cap(cfg: ExperimentConfig, max_dets: int) -> ExperimentConfig:
+    """A copy of ``cfg`` whose model keeps at least ``max_dets`` detections (and proposals)
+    per image, so that evaluating with a raised COCO ``maxDets`` can see them. Only test-time
+    settings change; the weights are unaffected."""
+    cfg = copy.deepcopy(cfg)
+    roi_head, rpn = cfg.model.roi_head, cfg.model.rpn
+    roi_head.max_per_image = max(roi_head.max_per_image, max_dets)
+    rpn.test_max_per_image = max(rpn.test_max_per_image, max_dets)
+    rpn.test_nms_pre = max(rpn.test_nms_pre, max_dets)
+    return cfg
+
+
 def eval_transform(cfg: ExperimentConfig) -> DetectionTransform:
     tcfg = TransformConfig(
         scales=(cfg.data.test_scale,), flip_prob=0.0, size_divisor=cfg.train.size_divisor
@@ -60,9 +72,12 @@ class TrainedModel:
     categories: list[Category]
 
 
-def load_trained(weights: str | Path, cfg: ExperimentConfig | None = None) -> TrainedModel:
+def load_trained(
+    weights: str | Path, cfg: ExperimentConfig | None = None, max_dets: int | None = None
+) -> TrainedModel:
     """Load ``weights`` (``.safetensors``) with the config and categories of its checkpoint
-    json. ``cfg``, when given, replaces the stored config (e.g. to change test settings)."""
+    json. ``cfg``, when given, replaces the stored config (e.g. to change test settings);
+    the detection cap is raised to ``max_dets`` (default: the config's ``eval.max_dets``)."""
     weights = Path(weights)
     meta_path = weights.with_suffix(".json")
     if not meta_path.is_file():
@@ -76,6 +91,7 @@ def load_trained(weights: str | Path, cfg: ExperimentConfig | None = None) -> Tr
     categories = [Category(int(i), str(n)) for i, n in state["categories"]]
     if cfg is None:
         cfg = from_dict(ExperimentConfig, state["config"])
+    cfg = with_detection_cap(cfg, max_dets or cfg.eval.max_dets)
     model = build_model(cfg, len(categories))
     load_weights_only(weights, model)
     model.eval()
@@ -114,6 +130,7 @@ def run_train(
             f"num_classes={num_classes} is pinned but {cfg.data.train_ann} has "
             f"{len(categories)} categories"
         )
+    cfg = with_detection_cap(cfg, cfg.eval.max_dets)
     model = build_model(cfg, num_classes).to(device)
     write_json(work_dir / "config.json", to_dict(cfg))
     extra = {"config": to_dict(cfg), "categories": [[c.id, c.name] for c in categories]}
@@ -148,8 +165,11 @@ def run_eval(
     results: str | Path | None = None,
     device: str = "cpu",
 ) -> dict:
-    """COCO metrics of trained ``weights`` on a dataset whose categories the model knows."""
-    trained = load_trained(weights, cfg)
+    """COCO metrics of trained ``weights`` on a dataset whose categories the model knows.
+    ``max_dets`` (default: the config's ``eval.max_dets``) also raises the model's per-image
+    detection cap when it is lower."""
+    trained = load_trained(weights, cfg, max_dets)
+    max_dets = max_dets or trained.cfg.eval.max_dets
     dataset = CocoDataset(
         ann,
         images,
@@ -162,7 +182,7 @@ def run_eval(
         dataset,
         trained.cfg.eval.batch_size,
         device,
-        max_dets or trained.cfg.eval.max_dets,
+        max_dets,
         results,
     )
     print(format_table(metrics))
