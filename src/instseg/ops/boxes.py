@@ -75,10 +75,12 @@ def _greedy_keep(boxes: Tensor, iou_threshold: float) -> Tensor:
         alive = torch.ones(block.shape[0], dtype=torch.bool, device=boxes.device)
         if kept_boxes.shape[0] > 0:
             alive = ~(box_iou(kept_boxes, block) > iou_threshold).any(0)
-        overlap = (box_iou(block, block) > iou_threshold).triu(1)
+        # 0/1 overlaps as floats: one matrix-vector product counts the kept suppressors of
+        # every box (exact: integers far below 2^24), several times faster than bool ops.
+        overlap = (box_iou(block, block) > iou_threshold).triu(1).to(torch.float32)
         block_keep = alive
         while True:
-            suppressed = (overlap & block_keep[:, None]).any(0)
+            suppressed = (block_keep.to(torch.float32) @ overlap) > 0.5
             updated = alive & ~suppressed
             if torch.equal(updated, block_keep):
                 break
