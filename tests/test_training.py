@@ -72,3 +72,21 @@ def test_zoo_config_trains_with_finite_decreasing_loss(name, dataset, tmp_path):
     first = sum(r["total"] for r in log[:3]) / 3
     last = sum(r["total"] for r in log[-3:]) / 3
     assert last < 0.9 * first, [round(r["total"], 3) for r in log]
+
+
+def test_two_runs_of_one_config_end_with_equal_weights(tmp_path):
+    """Initial weights come from the seed, not from earlier draws of the global RNG."""
+    import torch
+    from safetensors.torch import load_file
+
+    ann, images = _shapes(tmp_path / "data")
+    cfg = apply_overrides(get_config("mask_rcnn_r18_fpn_small"), [*NARROW, *COMMON])
+    cfg.train.max_iters = 2
+    cfg.data.train_ann, cfg.data.train_images = str(ann), str(images)
+    weights = []
+    for run in ("a", "b"):
+        torch.rand(7)  # disturb the global RNG between the runs
+        run_train(cfg, tmp_path / run)
+        weights.append(load_file(tmp_path / run / "model_final.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -131,6 +131,9 @@ def run_train(
             f"{len(categories)} categories"
         )
     cfg = with_detection_cap(cfg, cfg.eval.max_dets)
+    # The initial weights are a function of the seed too, not of whatever drew from the
+    # global RNG earlier in the process (two runs with one config end with equal weights).
+    torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, num_classes).to(device)
     write_json(work_dir / "config.json", to_dict(cfg))
     extra = {"config": to_dict(cfg), "categories": [[c.id, c.name] for c in categories]}
