@@ -161,8 +161,27 @@ def test_train_eval_predict_resume_from_the_command_line(tmp_path, capsys):
         == 0
     )
     assert len(list(pred.glob("*_pred.png"))) == 4
-    assert len(json.loads((pred / "images.json").read_text())) == 4
-    json.loads((pred / "results.json").read_text())
+    images = json.loads((pred / "images.json").read_text())
+    assert len(images) == 4
+    # Valid COCO results: pycocotools loads them against the predicted images, and every
+    # RLE decodes to a mask of its image's size.
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+
+    predicted = json.loads((pred / "results.json").read_text())
+    assert predicted, "score threshold 0 should keep some detections"
+    gt = COCO()
+    gt.dataset = {
+        "images": images,
+        "annotations": [],
+        "categories": [{"id": i, "name": str(i)} for i in (1, 3, 7)],
+    }
+    gt.createIndex()
+    loaded = gt.loadRes(str(pred / "results.json"))
+    assert len(loaded.anns) == len(predicted)
+    sizes = {im["id"]: (im["height"], im["width"]) for im in images}
+    for entry in predicted:
+        assert mask_utils.decode(entry["segmentation"]).shape == sizes[entry["image_id"]]
 
 
 def test_cli_errors_are_one_line_and_name_the_problem(tmp_path, capsys):
