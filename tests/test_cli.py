@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from instseg.cli import build_parser, main
+from test_training import NARROW
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,14 +71,7 @@ def test_benchmark_script_runs_quick(tmp_path):
 
 
 TINY = [
-    "model.backbone.base_width=8",
-    "model.neck.out_channels=16",
-    "model.rpn.in_channels=16",
-    "model.rpn.feat_channels=16",
-    "model.roi_head.box_head.in_channels=16",
-    "model.roi_head.box_head.fc_channels=32",
-    "model.roi_head.mask_head.in_channels=16",
-    "model.roi_head.mask_head.conv_channels=16",
+    *NARROW,
     "model.roi_head.mask_head.num_convs=1",
     "data.train_scales=((160,96),)",
     "data.test_scale=(160,96)",
