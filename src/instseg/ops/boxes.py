@@ -111,19 +111,13 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
         got = tuple(idxs.shape) if isinstance(idxs, Tensor) else type(idxs).__name__
         raise ValueError(f"idxs must be a Tensor[{scores.shape[0]}] (one per box), got {got}")
     order = torch.sort(scores, descending=True, stable=True).indices
+    if order.numel() == 0:
+        return order
     # Group by category, score order inside each group (both sorts stable).
     order = order[torch.sort(idxs[order], stable=True).indices]
     counts = torch.unique_consecutive(idxs[order], return_counts=True)[1].tolist()
-    keep = (
-        torch.cat(
-            [
-                _greedy_keep(boxes[group], float(iou_threshold))
-                for group in torch.split(order, counts)
-            ]
-        )
-        if counts
-        else order.new_zeros(0, dtype=torch.bool)
-    )
+    groups = torch.split(order, counts)
+    keep = torch.cat([_greedy_keep(boxes[group], float(iou_threshold)) for group in groups])
     kept = torch.sort(order[keep]).values  # index order, so the next sort breaks ties by index
     return kept[torch.sort(scores[kept], descending=True, stable=True).indices]
 
