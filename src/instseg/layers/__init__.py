@@ -1,5 +1,21 @@
-"""Reusable building blocks shared by backbones, necks and heads."""
+"""Reusable building blocks shared by backbones, necks, heads and RoI extractors."""
 
+from .context_block import ContextBlock
+from .conv_module import ACTIVATIONS, ConvModule, ConvModuleConfig
+from .generalized_attention import GeneralizedAttention, GeneralizedAttentionConfig
+from .non_local import NonLocal2d, NonLocalConfig
 from .norm import NORM_KINDS, FrozenBatchNorm2d, build_norm
 
-__all__ = ["NORM_KINDS", "FrozenBatchNorm2d", "build_norm"]
+__all__ = [
+    "ACTIVATIONS",
+    "NORM_KINDS",
+    "ContextBlock",
+    "ConvModule",
+    "ConvModuleConfig",
+    "FrozenBatchNorm2d",
+    "GeneralizedAttention",
+    "GeneralizedAttentionConfig",
+    "NonLocal2d",
+    "NonLocalConfig",
+    "build_norm",
+]
