@@ -5,6 +5,7 @@ Parameter and buffer names are torchvision's (``conv1``, ``bn1``, ``layer1.0.con
 loads key for key. Bottlenecks put the stride on the 3x3 conv ('pytorch' style, as
 torchvision and mmdet's default). ``frozen_stages`` and ``norm_eval`` behave as in mmdet's
 ``ResNet`` (spec §1.5: Mask R-CNN R50-FPN uses ``frozen_stages=1``, ``norm_eval=True``).
+GCNet context blocks plug into chosen stages under mmdet's plugin name (spec §2.3).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from instseg.layers import NORM_KINDS, build_norm
+from instseg.layers.context_block import ContextBlock
 
 logger = logging.getLogger("instseg.backbone")
 
@@ -40,6 +42,14 @@ class ResNetConfig:
     the identity: without it, a net trained from scratch with frozen norms (``norm_eval``)
     diverges. ``weights`` is a local checkpoint loaded at construction (``.safetensors`` or a
     torch file), after initialisation.
+
+    ``context_block_stages[i]`` puts a GCNet ``ContextBlock`` (``ratio=context_block_ratio``,
+    attention pooling, channel-add fusion) in every block of ``layer{i+1}``, on the residual
+    branch after its last norm and before the addition (mmdet's 'after_conv3' plugin
+    position; BasicBlocks get it after bn2, an extension: mmdet's BasicBlock takes no
+    plugins). The GCNet configs use ``(False, True, True, True)`` (c3-c5) with ratio 1/4 and
+    ``norm="SyncBN"``, ``norm_eval=False``. The block keeps its own init (its last conv at
+    zero, so it starts as the identity) and is frozen with its stage.
     """
 
     depth: int = 50
@@ -50,6 +60,8 @@ class ResNetConfig:
     base_width: int = 64
     zero_init_residual: bool = True
     weights: str | None = None
+    context_block_stages: tuple[bool, bool, bool, bool] = (False, False, False, False)
+    context_block_ratio: float = 0.25
 
     def __post_init__(self) -> None:
         if self.depth not in RESNET_DEPTHS:
@@ -83,6 +95,22 @@ class ResNetConfig:
             raise ValueError(
                 f"ResNetConfig.base_width must be a multiple of {_GN_GROUPS} with norm='GN' "
                 f"(GroupNorm({_GN_GROUPS}) on the stem), got {self.base_width}"
+            )
+        stages = self.context_block_stages
+        if (
+            not isinstance(stages, (tuple, list))
+            or len(stages) != 4
+            or any(not isinstance(s, bool) for s in stages)
+        ):
+            raise ValueError(
+                "ResNetConfig.context_block_stages must be 4 bools (layer1..layer4), "
+                f"got {stages!r}"
+            )
+        self.context_block_stages = tuple(stages)  # type: ignore[assignment]
+        ratio = self.context_block_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+            raise ValueError(
+                f"ResNetConfig.context_block_ratio must be a number in (0, 1], got {ratio!r}"
             )
         if self.weights is not None:
             self.weights = os.fspath(self.weights)
@@ -125,7 +153,8 @@ def _conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs plus identity (ResNet-18/34)."""
+    """Two 3x3 convs plus identity (ResNet-18/34); with ``context_ratio``, a ``context_block``
+    after bn2."""
 
     expansion = 1
 
@@ -136,6 +165,7 @@ class BasicBlock(nn.Module):
         stride: int,
         norm: str,
         downsample: nn.Module | None = None,
+        context_ratio: float | None = None,
     ) -> None:
         super().__init__()
         self.conv1 = _conv3x3(in_channels, planes, stride)
@@ -144,16 +174,22 @@ class BasicBlock(nn.Module):
         self.bn2 = build_norm(norm, planes)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+        # Only blocks that have one get the attribute: other state dicts stay torchvision's.
+        if context_ratio is not None:
+            self.context_block = ContextBlock(planes, context_ratio)
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
+        if hasattr(self, "context_block"):
+            out = self.context_block(out)
         return self.relu(out + identity)
 
 
 class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3 (carrying the stride), 1x1 expand by 4, plus identity (ResNet-50/101)."""
+    """1x1 reduce, 3x3 (carrying the stride), 1x1 expand by 4, plus identity (ResNet-50/101);
+    with ``context_ratio``, a ``context_block`` after bn3."""
 
     expansion = 4
 
@@ -164,6 +200,7 @@ class Bottleneck(nn.Module):
         stride: int,
         norm: str,
         downsample: nn.Module | None = None,
+        context_ratio: float | None = None,
     ) -> None:
         super().__init__()
         self.conv1 = _conv1x1(in_channels, planes)
@@ -174,12 +211,16 @@ class Bottleneck(nn.Module):
         self.bn3 = build_norm(norm, planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+        if context_ratio is not None:
+            self.context_block = ContextBlock(planes * self.expansion, context_ratio)
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
+        if hasattr(self, "context_block"):
+            out = self.context_block(out)
         return self.relu(out + identity)
 
 
@@ -198,16 +239,21 @@ def _make_stage(
     num_blocks: int,
     stride: int,
     norm: str,
+    context_ratio: float | None = None,
 ) -> nn.Sequential:
-    """One stage; the first block changes stride/width through a 1x1 conv + norm shortcut."""
+    """One stage; the first block changes stride/width through a 1x1 conv + norm shortcut.
+    ``context_ratio`` (when set) gives every block a ContextBlock of that ratio."""
     out_channels = planes * block.expansion
     downsample = None
     if stride != 1 or in_channels != out_channels:
         downsample = nn.Sequential(
             _conv1x1(in_channels, out_channels, stride), build_norm(norm, out_channels)
         )
-    blocks = [block(in_channels, planes, stride, norm, downsample)]
-    blocks += [block(out_channels, planes, 1, norm) for _ in range(num_blocks - 1)]
+    blocks = [block(in_channels, planes, stride, norm, downsample, context_ratio)]
+    blocks += [
+        block(out_channels, planes, 1, norm, context_ratio=context_ratio)
+        for _ in range(num_blocks - 1)
+    ]
     return nn.Sequential(*blocks)
 
 
@@ -294,8 +340,10 @@ class ResNet(nn.Module):
         in_channels = width
         for i, num_blocks in enumerate(counts):
             planes = width * 2**i
+            context_ratio = cfg.context_block_ratio if cfg.context_block_stages[i] else None
+            stride = 1 if i == 0 else 2
             stages.append(
-                _make_stage(block, in_channels, planes, num_blocks, 1 if i == 0 else 2, cfg.norm)
+                _make_stage(block, in_channels, planes, num_blocks, stride, cfg.norm, context_ratio)
             )
             in_channels = planes * block.expansion
             stage_channels.append(in_channels)
@@ -334,8 +382,14 @@ class ResNet(nn.Module):
 
     def _init_weights(self) -> None:
         """Kaiming-normal (fan_out, relu) convs, norms at weight 1 / bias 0 (mmcv, torchvision);
-        the last norm of each residual branch at 0 with ``zero_init_residual``."""
+        the last norm of each residual branch at 0 with ``zero_init_residual``. Context blocks
+        keep their own init (as in mmdet with a pretrained backbone, the GCNet configs' case)."""
+        own_init = {
+            id(m) for cb in self.modules() if isinstance(cb, ContextBlock) for m in cb.modules()
+        }
         for module in self.modules():
+            if id(module) in own_init:
+                continue
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm)):
