@@ -32,7 +32,7 @@ class TwoStageDetector(nn.Module):
         self.backbone = ResNet(cfg.backbone)
         self.neck = FPN(list(self.backbone.out_channels), cfg.neck)
         self.rpn_head = RPNHead(cfg.rpn)
-        self.roi_head = StandardRoIHead(cfg.roi_head)
+        self.roi_head = StandardRoIHead(cfg.roi_head, cfg.neck.out_channels)
 
     def features(self, images: ImageBatch) -> list[Tensor]:
         return self.neck(self.backbone(images.tensor))

@@ -1,37 +1,52 @@
-"""Single-level RoI feature extractor (mmdet ``SingleRoIExtractor``, spec §1.2).
+"""RoI feature extractors: the single-level one (mmdet ``SingleRoIExtractor``, spec §1.2)
+and the choice between it and GRoIE (:mod:`.groie`, spec §2).
 
-Each RoI is pooled from one FPN level chosen by its size:
+The single-level extractor pools each RoI from one FPN level chosen by its size:
 ``level = floor(log2(sqrt(w * h) / finest_scale + 1e-6))`` clamped to the available levels,
 so sides below 112 px go to P2, [112, 224) to P3, [224, 448) to P4 and larger to P5. The RoI
-operation is selectable: RoIAlign (torchvision semantics) or Precise RoI Pooling.
+operation is selectable in both: RoIAlign (torchvision semantics) or Precise RoI Pooling.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from ...ops import prroi_pool2d, roi_align
+from .groie import GenericRoIExtractor, GRoIEConfig
+from .pooling import ROI_OPS, pool_level, rescale_rois
 
-ROI_OPS = ("roi_align", "prroi_pool")
+EXTRACTOR_KINDS = ("single", "generic")
 
 
 @dataclass
 class RoIExtractorConfig:
+    """How RoI features are pooled. ``kind="single"``: one level per RoI (``finest_scale``);
+    ``kind="generic"``: GRoIE, every level, with the ``groie`` settings."""
+
     output_size: int = 7
     op: str = "roi_align"
     sampling_ratio: int = 0
     aligned: bool = True
     strides: tuple[int, ...] = (4, 8, 16, 32)
     finest_scale: float = 56.0
+    kind: str = "single"
+    groie: GRoIEConfig = field(default_factory=GRoIEConfig)
 
     def __post_init__(self) -> None:
         if self.op not in ROI_OPS:
             raise ValueError(f"roi extractor op must be one of {ROI_OPS}, got {self.op!r}")
+        if self.kind not in EXTRACTOR_KINDS:
+            raise ValueError(
+                f"roi extractor kind must be one of {EXTRACTOR_KINDS}, got {self.kind!r}"
+            )
         if self.output_size <= 0:
             raise ValueError(f"roi extractor output_size must be positive, got {self.output_size}")
+        if self.sampling_ratio < 0:
+            raise ValueError(
+                f"roi extractor sampling_ratio must be >= 0, got {self.sampling_ratio}"
+            )
         if not self.strides:
             raise ValueError("roi extractor strides must not be empty")
 
@@ -43,27 +58,46 @@ def map_roi_levels(rois: Tensor, num_levels: int, finest_scale: float = 56.0) ->
 
 
 class SingleRoIExtractor(nn.Module):
-    def __init__(self, cfg: RoIExtractorConfig) -> None:
+    """Each RoI pooled from the one level its size selects; no parameters."""
+
+    def __init__(self, cfg: RoIExtractorConfig, in_channels: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.out_channels = in_channels
 
     def pool(self, feat: Tensor, rois: Tensor, stride: int) -> Tensor:
-        size, scale = self.cfg.output_size, 1.0 / stride
-        if self.cfg.op == "prroi_pool":
-            return prroi_pool2d(feat, rois, size, size, scale)
-        return roi_align(feat, rois, size, scale, self.cfg.sampling_ratio, self.cfg.aligned)
+        cfg = self.cfg
+        return pool_level(
+            feat, rois, cfg.output_size, stride, cfg.op, cfg.sampling_ratio, cfg.aligned
+        )
 
-    def forward(self, feats: list[Tensor], rois: Tensor) -> Tensor:
-        """``(K, C, S, S)`` features for ``(K, 5)`` RoIs from the first ``len(strides)`` maps."""
+    def forward(
+        self, feats: list[Tensor], rois: Tensor, roi_scale_factor: float | None = None
+    ) -> Tensor:
+        """``(K, C, S, S)`` features for ``(K, 5)`` RoIs from the first ``len(strides)`` maps.
+
+        With ``roi_scale_factor`` the RoIs are enlarged about their centres before pooling;
+        the level is still chosen from the original size (mmdet)."""
         levels = len(self.cfg.strides)
         feats = feats[:levels]
+        pooled_rois = rois if roi_scale_factor is None else rescale_rois(rois, roi_scale_factor)
         if len(feats) == 1:
-            return self.pool(feats[0], rois, self.cfg.strides[0])
+            return self.pool(feats[0], pooled_rois, self.cfg.strides[0])
         size = self.cfg.output_size
         out = feats[0].new_zeros((rois.shape[0], feats[0].shape[1], size, size))
         target = map_roi_levels(rois, levels, self.cfg.finest_scale)
         for level, (feat, stride) in enumerate(zip(feats, self.cfg.strides, strict=True)):
             index = torch.nonzero(target == level).flatten()
             if index.numel() > 0:
-                out = out.index_copy(0, index, self.pool(feat, rois[index], stride))
+                out = out.index_copy(0, index, self.pool(feat, pooled_rois[index], stride))
         return out
+
+
+def build_roi_extractor(
+    cfg: RoIExtractorConfig, in_channels: int
+) -> SingleRoIExtractor | GenericRoIExtractor:
+    """The extractor ``cfg.kind`` names, over feature maps of ``in_channels`` channels; its
+    ``out_channels`` is the width the head must take."""
+    if cfg.kind == "generic":
+        return GenericRoIExtractor(cfg, in_channels)
+    return SingleRoIExtractor(cfg, in_channels)

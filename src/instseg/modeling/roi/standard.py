@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ...ops import batched_nms, decode_deltas, encode_deltas, paste_masks_in_image, roi_align
 from ...structures import ImageInfo, Instances, InstanceTargets
 from ..anchors import AssignerConfig, SamplerConfig, assign, sample
-from .extractor import RoIExtractorConfig, SingleRoIExtractor
+from .extractor import RoIExtractorConfig, build_roi_extractor
 from .heads import BoxHeadConfig, FCNMaskHead, MaskHeadConfig, Shared2FCBoxHead, select_class
 
 
@@ -59,14 +59,27 @@ def _rois(boxes: list[Tensor]) -> Tensor:
     return torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1) for i, b in enumerate(boxes)])
 
 
+def _check_width(extractor: nn.Module, head_channels: int, key: str) -> None:
+    if extractor.out_channels != head_channels:
+        raise ValueError(
+            f"roi_head.{key}.in_channels is {head_channels} but its RoI extractor gives "
+            f"{extractor.out_channels} channels; set them equal"
+        )
+
+
 class StandardRoIHead(nn.Module):
-    def __init__(self, cfg: RoIHeadConfig) -> None:
+    """Box (and mask) branch over FPN maps of ``in_channels`` channels; each branch has its
+    own RoI extractor (single-level or GRoIE, with its own weights)."""
+
+    def __init__(self, cfg: RoIHeadConfig, in_channels: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.bbox_roi_extractor = SingleRoIExtractor(cfg.box_extractor)
+        self.bbox_roi_extractor = build_roi_extractor(cfg.box_extractor, in_channels)
+        _check_width(self.bbox_roi_extractor, cfg.box_head.in_channels, "box_head")
         self.bbox_head = Shared2FCBoxHead(cfg.box_head, cfg.num_classes)
         if cfg.with_mask:
-            self.mask_roi_extractor = SingleRoIExtractor(cfg.mask_extractor)
+            self.mask_roi_extractor = build_roi_extractor(cfg.mask_extractor, in_channels)
+            _check_width(self.mask_roi_extractor, cfg.mask_head.in_channels, "mask_head")
             self.mask_head = FCNMaskHead(cfg.mask_head, cfg.num_classes)
 
     # ----------------------------------------------------------------------------- training
