@@ -2,11 +2,12 @@
 
 Splits ``shared/data/dsb2018-nuclei-48`` by image id, 36 train / 12 val (val: the ids that
 are multiples of 4, which takes a quarter of every size group, since the file lists the
-images grouped by size), trains ``mask_rcnn_r18_fpn_small`` with the nuclei settings below,
+images grouped by size), trains ``mask_rcnn_r18_fpn_small`` (or ``--config``, e.g.
+``mask_rcnn_r18_fpn_groie_small`` for the GRoIE comparison) with the nuclei settings below,
 evaluates bbox and segm AP on the val split with maxDets raised (the val images hold up to
 98 nuclei each) and prints the table, the training wall time and the command.
 
-    python benchmarks/nuclei.py [--data DIR] [--work-dir DIR] [--max-iters N]
+    python benchmarks/nuclei.py [--config NAME] [--data DIR] [--work-dir DIR] [--max-iters N]
         [--max-dets N] [--set key=value ...]
 
 Re-running with the same work dir resumes an interrupted run or, when finished, re-evaluates.
@@ -63,12 +64,18 @@ def split_by_image_id(ann_path: Path, out_dir: Path) -> tuple[Path, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="mask_rcnn_r18_fpn_small")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--work-dir", type=Path, default=REPO / "work_dirs" / "nuclei")
+    parser.add_argument(
+        "--work-dir", type=Path, help="default: work_dirs/nuclei (work_dirs/nuclei_<config>)"
+    )
     parser.add_argument("--max-iters", type=int, default=None)
     parser.add_argument("--max-dets", type=int, default=300)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
+    if args.work_dir is None:
+        suffix = "" if args.config == "mask_rcnn_r18_fpn_small" else f"_{args.config}"
+        args.work_dir = REPO / "work_dirs" / f"nuclei{suffix}"
     ann = args.data / "instances.json"
     if not ann.is_file():
         print(f"error: {ann} not found (pass --data)", file=sys.stderr)
@@ -79,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [*NUCLEI_OVERRIDES, f"eval.max_dets={args.max_dets}", *args.set]
     if args.max_iters is not None:
         overrides.append(f"train.max_iters={args.max_iters}")
-    cfg = apply_overrides(get_config("mask_rcnn_r18_fpn_small"), overrides)
-    cfg.name = "nuclei_mask_rcnn_r18_fpn_small"
+    cfg = apply_overrides(get_config(args.config), overrides)
+    cfg.name = f"nuclei_{args.config}"
     cfg.data.train_ann, cfg.data.train_images = str(train_json), str(args.data / "images")
     cfg.data.val_ann, cfg.data.val_images = str(val_json), str(args.data / "images")
 
@@ -101,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     train_seconds = sum(r["seconds_per_iter"] * (end - start) for r, start, end in windows)
     summary = {
         "command": shlex.join([sys.executable, *sys.argv]),
+        "config": args.config,
         "max_iters": cfg.train.max_iters,
         "max_dets": args.max_dets,
         "seconds": round(seconds, 1),
