@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from instseg.configs import apply_overrides, get_config
 from instseg.layers import ConvModule, ConvModuleConfig, GeneralizedAttention
 from instseg.modeling.roi import (
     GenericRoIExtractor,
@@ -18,6 +19,9 @@ from instseg.modeling.roi import (
 )
 from instseg.modeling.roi.standard import RoIHeadConfig
 from instseg.ops import roi_align
+from instseg.runner import build_model
+from test_models import toy_batch
+from test_training import NARROW
 
 ALL_TYPES = ["".join(bits) for bits in itertools.product("01", repeat=4)]
 
@@ -185,6 +189,7 @@ def test_attention_rejects_bad_settings():
         GeneralizedAttention(16, attention_type="012")
     with pytest.raises(ValueError, match="multiple of 4"):
         GeneralizedAttention(18, num_heads=3)
+    GeneralizedAttention(18, num_heads=3, attention_type="1010")  # no position terms
     with pytest.raises(ValueError, match="num_heads"):
         GeneralizedAttention(4, num_heads=6)
 
@@ -386,12 +391,6 @@ GROIE_TABLE = [
 
 @pytest.mark.parametrize("name", GROIE_TABLE)
 def test_groie_table_config_builds_trains_and_predicts(name):
-    from test_models import toy_batch
-    from test_training import NARROW
-
-    from instseg.configs import apply_overrides, get_config
-    from instseg.runner import build_model
-
     cfg = apply_overrides(get_config(name), [*NARROW, "model.roi_head.score_thr=0.0"])
     torch.manual_seed(0)
     model = build_model(cfg, num_classes=3)

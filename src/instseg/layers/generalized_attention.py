@@ -124,7 +124,8 @@ class GeneralizedAttention(nn.Module):
         self.position_embedding_dim = (
             position_embedding_dim if position_embedding_dim > 0 else in_channels
         )
-        if self.position_embedding_dim % 4 != 0:
+        uses_position = attention_type[1] == "1" or attention_type[3] == "1"
+        if uses_position and self.position_embedding_dim % 4 != 0:
             raise ValueError(
                 "attention position embedding size (in_channels when position_embedding_dim "
                 f"is -1) must be a multiple of 4, got {self.position_embedding_dim}"

@@ -83,14 +83,24 @@ class SingleRoIExtractor(nn.Module):
         pooled_rois = rois if roi_scale_factor is None else rescale_rois(rois, roi_scale_factor)
         if len(feats) == 1:
             return self.pool(feats[0], pooled_rois, self.cfg.strides[0])
-        size = self.cfg.output_size
-        out = feats[0].new_zeros((rois.shape[0], feats[0].shape[1], size, size))
+        if rois.shape[0] == 0:
+            size = self.cfg.output_size
+            return feats[0].new_zeros((0, feats[0].shape[1], size, size))
+        # Pool each level's RoIs in level order, then put the rows back in RoI order (a
+        # gather, whose backward keeps only the index, unlike an index_copy into zeros).
         target = map_roi_levels(rois, levels, self.cfg.finest_scale)
-        for level, (feat, stride) in enumerate(zip(feats, self.cfg.strides, strict=True)):
-            index = torch.nonzero(target == level).flatten()
-            if index.numel() > 0:
-                out = out.index_copy(0, index, self.pool(feat, pooled_rois[index], stride))
-        return out
+        order = torch.argsort(target, stable=True)
+        counts = torch.bincount(target, minlength=levels).tolist()
+        parts = [
+            self.pool(feat, level_rois, stride)
+            for feat, stride, level_rois in zip(
+                feats, self.cfg.strides, pooled_rois[order].split(counts), strict=True
+            )
+            if level_rois.shape[0] > 0
+        ]
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        return torch.cat(parts)[inverse]
 
 
 def build_roi_extractor(
