@@ -44,19 +44,16 @@ def block_target(masks: Tensor, boundary_width: int) -> Tensor:
     return out
 
 
+def _upsample(maps: Tensor, size: int) -> Tensor:
+    """``(N, s, s)`` maps at ``size`` x ``size``, bilinear with align_corners=True (as the
+    official code resizes between stages)."""
+    resized = F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=True)
+    return resized[:, 0]
+
+
 def _upsample_region(region: Tensor, size: int) -> Tensor:
-    """A boolean ``(N, s, s)`` region at ``size`` x ``size``: bilinear (align_corners=True) on
-    0/1 values, then ``>= 0.5``, as the official code does."""
-    up = F.interpolate(
-        region[:, None].float(), size=(size, size), mode="bilinear", align_corners=True
-    )
-    return up[:, 0] >= 0.5
-
-
-def _upsample_logits(logits: Tensor, size: int) -> Tensor:
-    return F.interpolate(logits[:, None], size=(size, size), mode="bilinear", align_corners=True)[
-        :, 0
-    ]
+    """A boolean region resized as 0/1 values, then ``>= 0.5``, as the official code does."""
+    return _upsample(region.float(), size) >= 0.5
 
 
 def merge_stage_logits(coarse: Tensor, fine: Tensor, coarse_binary: Tensor | None = None) -> Tensor:
@@ -71,7 +68,7 @@ def merge_stage_logits(coarse: Tensor, fine: Tensor, coarse_binary: Tensor | Non
         coarse_binary = coarse.sigmoid() >= 0.5
     band = block_target(coarse_binary, 1) == BOUNDARY
     keep_fine = _upsample_region(band, size)
-    return torch.where(keep_fine, fine, _upsample_logits(coarse, size))
+    return torch.where(keep_fine, fine, _upsample(coarse, size))
 
 
 def refine_mask_loss(
