@@ -203,7 +203,7 @@ def mask_rcnn_r18_fpn_small() -> ExperimentConfig:
 
 
 def _use_groie(cfg: ExperimentConfig, name: str, description: str) -> ExperimentConfig:
-    """``cfg`` with GRoIE box and mask extractors, each with its own modules."""
+    """``cfg``, renamed, with GRoIE box and mask extractors, each with its own modules."""
     roi_head = cfg.model.roi_head
     for extractor in (roi_head.box_extractor, roi_head.mask_extractor):
         extractor.kind = "generic"
@@ -212,7 +212,7 @@ def _use_groie(cfg: ExperimentConfig, name: str, description: str) -> Experiment
     return cfg
 
 
-def _use_gcnet(cfg: ExperimentConfig, name: str, description: str) -> ExperimentConfig:
+def _use_gcnet(cfg: ExperimentConfig) -> ExperimentConfig:
     """``cfg`` with mmdet's GCNet backbone: SyncBN, ``norm_eval=False``, a ContextBlock
     (ratio 1/4) after conv3 of every bottleneck in c3-c5."""
     backbone = cfg.model.backbone
@@ -220,7 +220,6 @@ def _use_gcnet(cfg: ExperimentConfig, name: str, description: str) -> Experiment
     backbone.norm_eval = False
     backbone.context_block_stages = (False, True, True, True)
     backbone.context_block_ratio = 1 / 4
-    cfg.name, cfg.description = name, description
     return cfg
 
 
@@ -249,8 +248,11 @@ def _gcnet(depth: int, groie: bool) -> ExperimentConfig:
         f"GCNet Mask R-CNN R-{depth}-FPN (SyncBN, r4, c3-c5){' with GRoIE' if groie else ''}, "
         f"1x COCO ({official[depth, groie]} official)"
     )
-    cfg = _use_gcnet(base, name, description)
-    return _use_groie(cfg, name, description) if groie else cfg
+    cfg = _use_gcnet(base)
+    if groie:
+        return _use_groie(cfg, name, description)
+    cfg.name, cfg.description = name, description
+    return cfg
 
 
 def mask_rcnn_r18_fpn_groie_small() -> ExperimentConfig:
