@@ -95,7 +95,7 @@ def test_train_eval_predict_resume_from_the_command_line(tmp_path, capsys):
     # Continue the same run to 3 iterations, then evaluate on the val split.
     assert main([*base, *paths, *val, "--max-iters", "3", "--resume", "--set", *TINY]) == 0
     metrics = json.loads((work / "metrics.json").read_text())
-    assert set(metrics) == {"bbox", "segm"} and "AP50" in metrics["segm"]
+    assert set(metrics) == {"bbox", "segm", "boundary"} and "AP50" in metrics["boundary"]
     log = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
     assert [entry["iteration"] for entry in log] == [1, 2, 3]
 
@@ -124,7 +124,7 @@ def test_train_eval_predict_resume_from_the_command_line(tmp_path, capsys):
         )
         == 0
     )
-    assert json.loads(out.read_text()).keys() == {"bbox", "segm"}
+    assert json.loads(out.read_text()).keys() == {"bbox", "segm", "boundary"}
     # --max-dets 300 also raised the model's detection caps (100 / 300 in the config).
     from instseg.runner import load_trained
 
@@ -202,7 +202,7 @@ def test_detector_demo_end_to_end_and_rerun_reuses_the_run(tmp_path):
 
     overrides = [*TINY, "train.max_iters=2", "train.checkpoint_every=0"]
     metrics = run_demo(tmp_path, overrides=overrides, num_train=6, num_val=3)
-    assert set(metrics) == {"bbox", "segm"}
+    assert set(metrics) == {"bbox", "segm", "boundary"}
     assert (tmp_path / "loss_curve.png").read_bytes().startswith(b"\x89PNG")
     assert len(list((tmp_path / "overlays").glob("*_pred.png"))) == 3
     saved = json.loads((tmp_path / "train" / "metrics.json").read_text())

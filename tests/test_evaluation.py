@@ -2,6 +2,8 @@
 
 The reference is pycocotools itself, called directly here (``loadRes`` + ``COCOeval`` +
 ``summarize()``) on its own copy of the ground truth, never through the code under test.
+Boundary AP (computed by faster-coco-eval) is checked against a brute-force float64 boundary
+IoU written out below with plain loops, on cases whose AP follows from one IoU.
 """
 
 from __future__ import annotations
@@ -481,3 +483,294 @@ def test_bad_arguments(synthetic):
         evaluate_coco(coco_of(dataset), dets, iou_types=("keypoints",))
     with pytest.raises(ValueError, match="max_dets"):
         evaluate_coco(coco_of(dataset), dets, max_dets=5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Boundary AP
+# ---------------------------------------------------------------------------------------------
+
+IOU_THRESHOLDS = [0.5 + 0.05 * i for i in range(10)]
+
+
+def reference_dilation(h: int, w: int) -> int:
+    """Boundary width in pixels: max(1, round(0.02 * image diagonal)), halves rounded up."""
+    return max(1, math.floor(0.02 * math.hypot(h, w) + 0.5))
+
+
+def reference_boundary(mask: np.ndarray) -> np.ndarray:
+    """The mask minus its erosion: ``d`` rounds of 3x3 erosion written as explicit loops, a
+    pixel surviving a round only if its 8 neighbours and itself are inside the image and set."""
+    h, w = mask.shape
+    inner = [[bool(mask[y, x]) for x in range(w)] for y in range(h)]
+    for _ in range(reference_dilation(h, w)):
+        eroded = [[False] * w for _ in range(h)]
+        for y in range(h):
+            for x in range(w):
+                eroded[y][x] = all(
+                    0 <= y + dy < h and 0 <= x + dx < w and inner[y + dy][x + dx]
+                    for dy in (-1, 0, 1)
+                    for dx in (-1, 0, 1)
+                )
+        inner = eroded
+    return np.array([[bool(mask[y, x]) and not inner[y][x] for x in range(w)] for y in range(h)])
+
+
+def reference_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = float(np.logical_or(a, b).sum(dtype=np.float64))
+    return float(np.logical_and(a, b).sum(dtype=np.float64)) / union if union else 0.0
+
+
+def expected_ap(iou: float) -> float:
+    """AP (percent) of one detection on one ground truth: 100 at thresholds the IoU reaches."""
+    return 100.0 * sum(iou >= t for t in IOU_THRESHOLDS) / len(IOU_THRESHOLDS)
+
+
+def boxes_mask(h: int, w: int, boxes: list[tuple[int, int, int, int]]) -> np.ndarray:
+    """Union of ``[y0, y1) x [x0, x1)`` rectangles given as ``(y0, x0, y1, x1)``."""
+    mask = np.zeros((h, w), bool)
+    for y0, x0, y1, x1 in boxes:
+        mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def disc_mask(h: int, w: int, cy: float, cx: float, r: float) -> np.ndarray:
+    yy, xx = np.mgrid[:h, :w]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def boundary_case(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ground truth, detection) masks. Image sizes give boundary widths 1, 2 and 3."""
+    rect = boxes_mask(40, 50, [(8, 10, 32, 40)])
+    wide = boxes_mask(64, 96, [(10, 20, 50, 80)])
+    bar = [(20, 10, 26, 70)]
+    cases = {
+        # One side 1 px in: mask IoU 0.97, boundary IoU 0.63.
+        "side_in": (rect, boxes_mask(40, 50, [(8, 10, 32, 39)])),
+        "corner_cut": (rect, rect & ~boxes_mask(40, 50, [(8, 10, 12, 14)])),
+        "disc_shift": (disc_mask(60, 80, 30, 40, 18), disc_mask(60, 80, 30, 41, 18)),
+        "small_notch": (wide, wide & ~boxes_mask(64, 96, [(10, 40, 14, 44)])),
+        "large_notch": (wide, wide & ~boxes_mask(64, 96, [(10, 40, 22, 52)])),
+        # A thin bar (all boundary) and an extra thick blob: here mask IoU is the smaller.
+        "bar_blob": (boxes_mask(100, 120, bar), boxes_mask(100, 120, [*bar, (60, 80, 76, 96)])),
+        # Touching the image border: out-of-image is background, so the border is boundary.
+        "border": (boxes_mask(40, 50, [(0, 0, 30, 35)]), boxes_mask(40, 50, [(0, 0, 30, 34)])),
+        "border_grow": (boxes_mask(40, 50, [(0, 0, 20, 25)]), boxes_mask(40, 50, [(0, 0, 20, 26)])),
+    }
+    return cases[name]
+
+
+BOUNDARY_CASES = [
+    "side_in",
+    "corner_cut",
+    "disc_shift",
+    "small_notch",
+    "large_notch",
+    "bar_blob",
+    "border",
+    "border_grow",
+]
+
+
+def single_pair_eval(gt_mask: np.ndarray, dt_mask: np.ndarray) -> dict[str, dict[str, float]]:
+    """segm and boundary metrics of one detection (score 1) on one ground truth."""
+    h, w = gt_mask.shape
+
+    def rle(mask: np.ndarray) -> dict[str, Any]:
+        encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        return {"size": [h, w], "counts": encoded["counts"].decode("ascii")}
+
+    ys, xs = np.nonzero(gt_mask)
+    box = [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)]
+    dataset = {
+        "images": [{"id": 1, "height": h, "width": w, "file_name": "x.png"}],
+        "categories": [{"id": 1, "name": "thing"}],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "segmentation": rle(gt_mask),
+                "area": float(gt_mask.sum()),
+                "bbox": box,
+                "iscrowd": 0,
+            }
+        ],
+    }
+    result = {"image_id": 1, "category_id": 1, "score": 1.0, "segmentation": rle(dt_mask)}
+    return evaluate_coco(coco_of(dataset), [result], iou_types=("segm", "boundary"))
+
+
+def test_reference_boundary_is_the_inner_band():
+    """The reference itself: a d-pixel inner band, the image border counting as outside."""
+    assert [reference_dilation(h, w) for h, w in [(40, 50), (60, 80), (64, 96), (100, 120)]] == [
+        1,
+        2,
+        2,
+        3,
+    ]
+    rect = boxes_mask(64, 96, [(10, 20, 50, 80)])  # 40 x 60, d = 2
+    assert np.array_equal(reference_boundary(rect), rect & ~boxes_mask(64, 96, [(12, 22, 48, 78)]))
+    full = np.ones((40, 50), bool)  # d = 1: the outermost ring of the image
+    assert np.array_equal(reference_boundary(full), full & ~boxes_mask(40, 50, [(1, 1, 39, 49)]))
+
+
+@pytest.mark.parametrize("name", BOUNDARY_CASES)
+def test_boundary_ap_matches_brute_force_boundary_iou(name):
+    gt_mask, dt_mask = boundary_case(name)
+    mask_iou = reference_iou(gt_mask, dt_mask)
+    boundary_iou = reference_iou(reference_boundary(gt_mask), reference_boundary(dt_mask))
+    iou = min(mask_iou, boundary_iou)
+    # Each case is informative: the IoU lies in (0.5, 0.95) and clear of every threshold.
+    assert 0.5 < iou < 0.95, (name, iou)
+    assert min(abs(iou - t) for t in IOU_THRESHOLDS) > 1e-3, (name, iou)
+    metrics = single_pair_eval(gt_mask, dt_mask)
+    assert metrics["boundary"]["AP"] == pytest.approx(expected_ap(iou), abs=1e-9)
+    assert metrics["segm"]["AP"] == pytest.approx(expected_ap(mask_iou), abs=1e-9)
+
+
+def test_boundary_cases_cover_varied_outcomes():
+    """The cases above land on several AP values, and in some mask IoU decides, in others
+    boundary IoU: a checker that ignored either half of min() would fail one of them."""
+    aps, mask_decides, boundary_decides = set(), 0, 0
+    for name in BOUNDARY_CASES:
+        gt_mask, dt_mask = boundary_case(name)
+        mask_iou = reference_iou(gt_mask, dt_mask)
+        boundary_iou = reference_iou(reference_boundary(gt_mask), reference_boundary(dt_mask))
+        aps.add(expected_ap(min(mask_iou, boundary_iou)))
+        if expected_ap(mask_iou) < expected_ap(boundary_iou):
+            mask_decides += 1
+        if expected_ap(boundary_iou) < expected_ap(mask_iou):
+            boundary_decides += 1
+    assert len(aps) >= 5 and mask_decides >= 1 and boundary_decides >= 5
+
+
+def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """3x3 dilation, ``pixels`` times."""
+    for _ in range(pixels):
+        padded = np.pad(mask, 1)
+        grown = np.zeros_like(mask)
+        for dy in range(3):
+            for dx in range(3):
+                grown |= padded[dy : dy + mask.shape[0], dx : dx + mask.shape[1]]
+        mask = grown
+    return mask
+
+
+def test_ground_truth_scores_100_on_boundary(synthetic):
+    dataset, _ = synthetic
+    gt = coco_of(dataset)
+    metrics = evaluate_coco(gt, gt_as_results(gt), iou_types=("boundary",))
+    assert list(metrics) == ["boundary"] and list(metrics["boundary"]) == STAT_KEYS
+    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"):
+        assert metrics["boundary"][key] == pytest.approx(100.0), key
+
+
+@pytest.mark.skipif(not COCO_VAL6.is_file(), reason=f"real data absent: {COCO_VAL6}")
+def test_coco_val6_ground_truth_scores_100_on_boundary():
+    gt = load_coco(COCO_VAL6)  # holds a crowd region (uncompressed RLE)
+    metrics = evaluate_coco(gt, gt_as_results(gt), iou_types=("bbox", "segm", "boundary"))
+    assert list(metrics) == ["bbox", "segm", "boundary"]
+    assert metrics["boundary"]["AP"] == pytest.approx(100.0)
+    assert metrics["boundary"]["AP75"] == pytest.approx(100.0)
+
+
+def test_dilated_masks_lose_more_boundary_ap_than_mask_ap(synthetic):
+    """Growing every mask by 2 px barely moves mask IoU of large objects but shifts their
+    whole boundary band (8 px wide on these 240x320 images)."""
+    dataset, _ = synthetic
+    gt = coco_of(dataset)
+    results = gt_as_results(gt)
+    for r in results:
+        mask = dilate(mask_utils.decode(r["segmentation"]).astype(bool), 2)
+        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        r["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+    metrics = evaluate_coco(gt, results, iou_types=("segm", "boundary"))
+    segm, boundary = metrics["segm"], metrics["boundary"]
+    assert 0 < boundary["AP"] < segm["AP"] - 5
+    assert boundary["APl"] < segm["APl"] - 30
+    assert all(boundary[k] <= segm[k] + 1e-9 for k in ("AP", "AP50", "AP75", "APm", "APl"))
+
+
+def test_boundary_does_not_mutate_inputs_and_composes(synthetic):
+    dataset, dets = synthetic
+    gt = coco_of(dataset)
+    gt_before, dets_before = copy.deepcopy(gt.dataset), copy.deepcopy(dets)
+    alone = evaluate_coco(gt, dets, iou_types=("boundary",))
+    assert gt.dataset == gt_before and dets == dets_before
+    # After segm has turned the ground truth's polygons into RLEs in place, same numbers.
+    together = evaluate_coco(gt, dets, iou_types=("segm", "boundary"))
+    assert together["boundary"] == alone["boundary"]
+    assert 0 < alone["boundary"]["AP"] < together["segm"]["AP"]
+    # image_ids restricts boundary evaluation as it does the others.
+    keep = [11, 12]
+    subset = dict(dataset)
+    subset["images"] = [i for i in dataset["images"] if i["id"] in keep]
+    subset["annotations"] = [a for a in dataset["annotations"] if a["image_id"] in keep]
+    sub_dets = [d for d in dets if d["image_id"] in keep]
+    restricted = evaluate_coco(coco_of(dataset), dets, iou_types=("boundary",), image_ids=keep)
+    on_subset = evaluate_coco(coco_of(subset), sub_dets, iou_types=("boundary",))
+    assert restricted["boundary"] == pytest.approx(on_subset["boundary"], abs=1e-9)
+    assert evaluate_coco(gt, [], iou_types=("boundary",))["boundary"]["AP"] == 0.0
+
+
+def test_boundary_with_raised_max_dets():
+    """150 squares in one image: the default cap of 100 loses a third, max_dets=300 not."""
+    side, anns, results = 20, [], []
+    for i in range(150):
+        x, y = 30 * (i % 13) + 5, 30 * (i // 13) + 5
+        mask = boxes_mask(400, 400, [(y, x, y + side, x + side)])
+        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        seg = {"size": [400, 400], "counts": rle["counts"].decode("ascii")}
+        box = [float(x), float(y), float(side), float(side)]
+        anns.append(
+            {
+                "id": i + 1,
+                "image_id": 1,
+                "category_id": 1,
+                "segmentation": seg,
+                "area": float(side * side),
+                "bbox": box,
+                "iscrowd": 0,
+            }
+        )
+        results.append(
+            {"image_id": 1, "category_id": 1, "score": 1.0 - i / 1000, "segmentation": seg}
+        )
+    dataset = {
+        "images": [{"id": 1, "width": 400, "height": 400}],
+        "annotations": anns,
+        "categories": [{"id": 1, "name": "square"}],
+    }
+    capped = evaluate_coco(coco_of(dataset), results, iou_types=("boundary",))["boundary"]
+    raised = evaluate_coco(coco_of(dataset), results, iou_types=("boundary",), max_dets=300)
+    assert raised["boundary"]["AP"] == pytest.approx(100.0)
+    assert raised["boundary"]["AR300"] == pytest.approx(100.0)
+    assert capped["AP"] < 70.0
+
+
+def test_boundary_needs_masks(synthetic):
+    dataset, dets = synthetic
+    boxes_only = [{k: v for k, v in d.items() if k != "segmentation"} for d in dets]
+    with pytest.raises(ValueError, match=r"iou type 'boundary' requested.*no 'segmentation'"):
+        evaluate_coco(coco_of(dataset), boxes_only, iou_types=("bbox", "boundary"))
+    some = [*dets[:3], boxes_only[3]]
+    with pytest.raises(ValueError, match=r"'boundary' evaluation needs 'segmentation'.*result 3"):
+        evaluate_coco(coco_of(dataset), some, iou_types=("boundary",))
+    with pytest.raises(ValueError, match=r"iou types 'segm', 'boundary' requested"):
+        evaluate_coco(coco_of(dataset), boxes_only, iou_types=("segm", "boundary"))
+    no_gt_masks = copy.deepcopy(dataset)
+    del no_gt_masks["annotations"][0]["segmentation"]
+    with pytest.raises(ValueError, match=r"'boundary' requested but ground-truth annotations"):
+        evaluate_coco(coco_of(no_gt_masks), dets, iou_types=("boundary",))
+    with pytest.raises(ValueError, match=r"iou_types must be .*'boundary'.*keypoints"):
+        evaluate_coco(coco_of(dataset), dets, iou_types=("keypoints",))
+
+
+def test_boundary_is_not_in_the_default_types(synthetic):
+    dataset, dets = synthetic
+    assert set(evaluate_coco(coco_of(dataset), dets)) == {"bbox", "segm"}
+    assert coco_eval.IOU_TYPES == ("bbox", "segm", "boundary")
+    table = format_table(evaluate_coco(coco_of(dataset), dets, iou_types=coco_eval.IOU_TYPES))
+    rows = table.splitlines()
+    assert [row.split()[0] for row in rows] == ["type", "bbox", "segm", "boundary"]
+    assert len({len(row) for row in rows}) == 1  # columns line up with the longer label

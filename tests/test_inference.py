@@ -52,6 +52,7 @@ def test_oracle_scores_100_through_the_whole_pipeline(tmp_path):
     )
     assert metrics["bbox"]["AP"] == pytest.approx(100.0)
     assert metrics["segm"]["AP"] == pytest.approx(100.0)
+    assert metrics["boundary"]["AP"] == pytest.approx(100.0)
     assert (tmp_path / "r.json").read_text().startswith("[")
     seen = [info.image_id for info, _ in predict_dataset(Oracle(dataset), dataset, batch_size=4)]
     assert sorted(seen) == sorted(r.image_id for r in dataset.records)
@@ -77,6 +78,7 @@ def test_tiny_detector_trains_and_evaluates_on_shapes(tmp_path):
         optimizer.step()
     dataset.transform = DetectionTransform(TransformConfig(scales=((160, 96),)), train=False)
     metrics = evaluate_model(model, dataset, batch_size=3)
-    for iou_type in ("bbox", "segm"):
+    assert set(metrics) == {"bbox", "segm", "boundary"}
+    for iou_type in ("bbox", "segm", "boundary"):
         assert set(metrics[iou_type]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
         assert 0.0 <= metrics[iou_type]["AP"] <= 100.0

@@ -96,8 +96,8 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"demo stopped before the end; run it again to resume ({work_dir})")
         return 1
     print(
-        f"segm AP {metrics['segm']['AP']:.1f}, bbox AP {metrics['bbox']['AP']:.1f} "
-        "on the held-out split"
+        f"segm AP {metrics['segm']['AP']:.1f}, boundary AP {metrics['boundary']['AP']:.1f}, "
+        f"bbox AP {metrics['bbox']['AP']:.1f} on the held-out split"
     )
     print(f"  metrics:     {work_dir / 'train' / 'metrics.json'}")
     print(f"  overlays:    {work_dir / 'overlays'}")
@@ -157,7 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     evaluate = sub.add_parser(
-        "eval", help="evaluate a trained model", description="COCO evaluation of a checkpoint."
+        "eval",
+        help="evaluate a trained model",
+        description="COCO evaluation of a checkpoint: box AP, plus mask AP and Boundary AP "
+        "(rows 'segm' and 'boundary') for models that predict masks.",
     )
     _common(evaluate)
     evaluate.add_argument("--checkpoint", required=True, help="a .safetensors weights file")

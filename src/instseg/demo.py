@@ -1,8 +1,8 @@
 """``instseg demo``: train the small Mask R-CNN on synthetic shapes, on a CPU, end to end.
 
 Generates the shapes dataset (a train split and a held-out val split), trains
-``mask_rcnn_r18_fpn_small`` (short side 256), evaluates COCO box and mask
-AP on the val split, and writes overlays of predictions and a loss-curve PNG. Re-running
+``mask_rcnn_r18_fpn_small`` (short side 256), evaluates COCO box, mask and
+Boundary AP on the val split, and writes overlays of predictions and a loss-curve PNG. Re-running
 with the same work dir resumes (or reuses) the training run instead of starting over.
 """
 

@@ -49,7 +49,11 @@ def evaluate_model(
     results_path: str | Path | None = None,
     num_workers: int = 0,
 ) -> dict:
-    """COCO metrics (percent) of ``model`` on ``dataset``; optionally writes the results json."""
+    """COCO metrics (percent) of ``model`` on ``dataset``; optionally writes the results json.
+
+    Box AP always; mask AP and Boundary AP too when the model predicts masks and the dataset
+    has them.
+    """
     category_ids = [c.id for c in dataset.categories]
     results: list[dict] = []
     with_masks = False
@@ -58,7 +62,8 @@ def evaluate_model(
         results += instances_to_coco_results(detections, info.image_id, category_ids)
     if results_path is not None:
         write_results(results_path, results)
-    iou_types = ("bbox", "segm") if with_masks and dataset.with_masks else ("bbox",)
+    with_mask_eval = with_masks and dataset.with_masks
+    iou_types = ("bbox", "segm", "boundary") if with_mask_eval else ("bbox",)
     return evaluate_coco(
         str(dataset.ann_file),
         results,

@@ -1,4 +1,4 @@
-"""Evaluation: COCO results json and COCO box / mask AP (percent, any detection cap)."""
+"""Evaluation: COCO results json and COCO box / mask / Boundary AP (percent, any cap)."""
 
 from instseg.evaluation.coco import (
     encode_masks,

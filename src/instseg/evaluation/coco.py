@@ -1,12 +1,24 @@
-"""COCO results json and COCO box / mask AP on top of pycocotools.
+"""COCO results json and COCO box / mask / Boundary AP.
 
 Three pieces: ``instances_to_coco_results`` turns one image's ``Instances`` into COCO result
 dicts (compressed RLE masks, encoded in one pycocotools call per chunk of masks),
-``write_results`` writes them atomically, and ``evaluate_coco`` runs ``COCOeval`` and reads
-the metrics from its accumulated precision / recall arrays itself. The last point matters:
-pycocotools' ``summarize()`` looks AP up at ``maxDets=100`` only, so with a raised detection
-cap (nuclei images hold up to 369 instances) it reports -1; reading the arrays with the same
-averaging rules gives the right number for any cap.
+``write_results`` writes them atomically, and ``evaluate_coco`` runs the COCO evaluation and
+reads the metrics from its accumulated precision / recall arrays itself. The last point
+matters: pycocotools' ``summarize()`` looks AP up at ``maxDets=100`` only, so with a raised
+detection cap (nuclei images hold up to 369 instances) it reports -1; reading the arrays with
+the same averaging rules gives the right number for any cap.
+
+Three iou types ("metric families"):
+
+- ``bbox`` and ``segm``: box and mask AP, computed by pycocotools.
+- ``boundary``: Boundary AP (Cheng et al., "Boundary IoU", CVPR 2021). It is mask AP with the
+  detection / ground-truth IoU replaced by min(mask IoU, boundary IoU). The boundary of a
+  mask is the mask minus its erosion by d = max(1, round(0.02 * image diagonal)) pixels
+  (dilation ratio 0.02; pixels outside the image count as background), and boundary IoU is
+  the IoU of the two boundaries. Crowd regions keep plain mask IoU. It is computed by
+  faster-coco-eval (``COCOeval_faster``, iouType "boundary"), whose precision / recall arrays
+  have pycocotools' layout, so its AP / AR are read with the same rules as the other types.
+  It uses the same results as ``segm`` and mask areas for the area ranges.
 
 Metrics are in percent (0-100); a metric with nothing to average (e.g. APs on a set without
 small objects) is -1, as in pycocotools.
@@ -21,6 +33,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import faster_coco_eval
 import numpy as np
 import pycocotools.mask as mask_utils
 import torch
@@ -30,7 +43,13 @@ from pycocotools.cocoeval import COCOeval
 from instseg.fileio import atomic_write_json
 from instseg.structures import Instances
 
-IOU_TYPES = ("bbox", "segm")
+IOU_TYPES = ("bbox", "segm", "boundary")
+# What ``evaluate_coco`` computes unless told otherwise; "boundary" costs extra time per mask.
+DEFAULT_IOU_TYPES = ("bbox", "segm")
+# The iou types that compare masks, so need 'segmentation' in results and ground truth.
+MASK_IOU_TYPES = ("segm", "boundary")
+# Boundary width as a fraction of the image diagonal, as in the Boundary IoU paper.
+BOUNDARY_DILATION_RATIO = 0.02
 # Pixels (N * H * W) encoded per pycocotools call: bounds the uint8 Fortran copy to 64 MiB.
 _ENCODE_CHUNK_PIXELS = 1 << 26
 
@@ -174,6 +193,12 @@ def _preview(values: Iterable[Any], limit: int = 10) -> str:
     return f"{values[:limit]}{more}"
 
 
+def _type_names(iou_types: Sequence[str]) -> str:
+    """``iou type 'segm'`` / ``iou types 'segm', 'boundary'``, for error messages."""
+    quoted = ", ".join(f"'{t}'" for t in iou_types)
+    return f"iou type{'s' if len(iou_types) > 1 else ''} {quoted}"
+
+
 def _check_results(results: list[dict[str, Any]], gt: COCO, iou_types: Sequence[str]) -> None:
     """Reject results pycocotools would mis-handle or fail on with an opaque assert."""
     for i, r in enumerate(results):
@@ -199,16 +224,18 @@ def _check_results(results: list[dict[str, Any]], gt: COCO, iou_types: Sequence[
                 f"bbox evaluation needs 'bbox' in every result; {len(lacking)} "
                 f"lack it (first: result {lacking[0]})"
             )
-    if "segm" in iou_types:
+    mask_types = [t for t in iou_types if t in MASK_IOU_TYPES]
+    if mask_types:
+        names = _type_names(mask_types)
         lacking = [i for i, r in enumerate(results) if "segmentation" not in r]
         if results and len(lacking) == len(results):
             raise ValueError(
-                "iou type 'segm' requested but the results have no 'segmentation' "
+                f"{names} requested but the results have no 'segmentation' "
                 "(box-only predictions): evaluate with iou_types=('bbox',)"
             )
         if lacking:
             raise ValueError(
-                f"segm evaluation needs 'segmentation' in every result; "
+                f"{names} evaluation needs 'segmentation' in every result; "
                 f"{len(lacking)} of {len(results)} lack it (first: result "
                 f"{lacking[0]})"
             )
@@ -256,14 +283,50 @@ def _load_results(gt: COCO, results: list[dict[str, Any]], iou_type: str) -> COC
     return dt
 
 
+def _silent(*args: Any, **kwargs: Any) -> None:
+    """faster-coco-eval's ``print_function``: no progress output."""
+
+
+def _boundary_eval(gt: COCO, results: list[dict[str, Any]]) -> faster_coco_eval.COCOeval_faster:
+    """A faster-coco-eval ``COCOeval_faster`` for Boundary AP of ``results`` against ``gt``.
+
+    faster-coco-eval has its own ``COCO`` class, so the ground truth is rebuilt as one. Every
+    dict is a copy: its ``loadRes`` writes ``id`` / ``area`` / ``bbox`` into the result dicts,
+    and its ``evaluate`` writes ``rle`` / ``boundary`` / ``ignore`` into the annotation dicts.
+    """
+    dataset = gt.dataset
+    fast_gt = faster_coco_eval.COCO(print_function=_silent)
+    fast_gt.dataset = {
+        "images": [dict(img) for img in dataset["images"]],
+        "categories": [dict(cat) for cat in dataset["categories"]],
+        "annotations": [dict(ann) for ann in dataset.get("annotations", [])],
+    }
+    fast_gt.createIndex()
+    # Without 'bbox', loadRes takes the area from the mask, as for segm.
+    keys = ("image_id", "category_id", "segmentation", "score")
+    fast_dt = fast_gt.loadRes([{k: r[k] for k in keys} for r in results])
+    return faster_coco_eval.COCOeval_faster(
+        fast_gt,
+        fast_dt,
+        "boundary",
+        print_function=_silent,
+        boundary_dilation_ratio=BOUNDARY_DILATION_RATIO,
+    )
+
+
 def _mean_valid(values: np.ndarray) -> float:
     """summarize()'s rule: mean over entries > -1, or -1 when there are none."""
     valid = values[values > -1]
     return float(np.mean(valid)) if valid.size else -1.0
 
 
-def _metrics_from_eval(E: COCOeval, max_dets: int) -> dict[str, float]:
-    """AP/AR as summarize() defines them, read from the accumulated arrays for any maxDets."""
+def _metrics_from_eval(
+    E: COCOeval | faster_coco_eval.COCOeval_faster, max_dets: int
+) -> dict[str, float]:
+    """AP/AR as summarize() defines them, read from the accumulated arrays for any maxDets.
+
+    pycocotools' and faster-coco-eval's ``params`` and ``eval`` arrays share one layout.
+    """
     p = E.params
     precision = E.eval["precision"]  # [T, R, K, A, M]
     recall = E.eval["recall"]  # [T, K, A, M]
@@ -305,13 +368,15 @@ def _metrics_from_eval(E: COCOeval, max_dets: int) -> dict[str, float]:
 def evaluate_coco(
     gt: str | Path | COCO,
     results: list[dict[str, Any]] | str | Path,
-    iou_types: Sequence[str] = IOU_TYPES,
+    iou_types: Sequence[str] = DEFAULT_IOU_TYPES,
     max_dets: int = 100,
     image_ids: Sequence[int] | None = None,
     summarize: bool = False,
 ) -> dict[str, dict[str, float]]:
     """COCO AP/AR per iou type, in percent: ``{"bbox": {"AP": .., "AP50": .., ...}, ...}``.
 
+    ``iou_types`` is a subset of ``IOU_TYPES`` ("bbox", "segm", "boundary"); the default
+    leaves out "boundary" (Boundary AP, see the module docstring), which costs more time.
     ``max_dets`` is the per-image detection cap (pycocotools ``maxDets = [1, 10, max_dets]``);
     AP and APs/m/l are taken at that cap. ``image_ids`` restricts the evaluation to those
     images (results on other images are dropped). Empty results give AP 0. Note that segm
@@ -344,20 +409,24 @@ def evaluate_coco(
     if image_ids is not None:
         keep = set(image_ids)
         results = [r for r in results if r["image_id"] in keep]
-    if "segm" in iou_types:
+    mask_types = [t for t in iou_types if t in MASK_IOU_TYPES]
+    if mask_types:
         no_mask = [
             a["id"] for a in coco_gt.dataset.get("annotations", []) if "segmentation" not in a
         ]
         if no_mask:
             raise ValueError(
-                f"iou type 'segm' requested but ground-truth annotations "
+                f"{_type_names(mask_types)} requested but ground-truth annotations "
                 f"{_preview(no_mask)} have no 'segmentation'"
             )
 
     metrics: dict[str, dict[str, float]] = {}
+    E: COCOeval | faster_coco_eval.COCOeval_faster
     for iou_type in iou_types:
-        coco_dt = _load_results(coco_gt, results, iou_type)
-        E = COCOeval(coco_gt, coco_dt, iou_type)
+        if iou_type == "boundary":
+            E = _boundary_eval(coco_gt, results)
+        else:
+            E = COCOeval(coco_gt, _load_results(coco_gt, results, iou_type), iou_type)
         E.params.maxDets = [1, 10, max_dets]
         if image_ids is not None:
             E.params.imgIds = sorted(set(image_ids))
@@ -376,11 +445,12 @@ def format_table(metrics: dict[str, dict[str, float]]) -> str:
     for row in metrics.values():
         columns.extend(k for k in row if k not in columns)
     width = max([8, *(len(c) + 2 for c in columns)])
-    lines = ["type".ljust(6) + "".join(c.rjust(width) for c in columns)]
+    label = max([6, *(len(t) + 1 for t in metrics)])  # "boundary" is longer than "type"
+    lines = ["type".ljust(label) + "".join(c.rjust(width) for c in columns)]
     for iou_type, row in metrics.items():
         cells = []
         for c in columns:
             v = row.get(c)
             cells.append(("-" if v is None or v < 0 else f"{v:.2f}").rjust(width))
-        lines.append(iou_type.ljust(6) + "".join(cells))
+        lines.append(iou_type.ljust(label) + "".join(cells))
     return "\n".join(lines)
