@@ -3,9 +3,10 @@
 Splits ``shared/data/dsb2018-nuclei-48`` by image id, 36 train / 12 val (val: the ids that
 are multiples of 4, which takes a quarter of every size group, since the file lists the
 images grouped by size), trains ``mask_rcnn_r18_fpn_small`` (or ``--config``, e.g.
-``mask_rcnn_r18_fpn_groie_small`` for the GRoIE comparison) with the nuclei settings below,
-evaluates bbox and segm AP on the val split with maxDets raised (the val images hold up to
-98 nuclei each) and prints the table, the training wall time and the command.
+``mask_rcnn_r18_fpn_groie_small`` for the GRoIE comparison, ``refinemask_r18_fpn_small`` for
+the RefineMask one) with the nuclei settings below, evaluates bbox, segm and Boundary AP on
+the val split with maxDets raised (the val images hold up to 98 nuclei each) and prints the
+table, the training wall time and the command.
 
     python benchmarks/nuclei.py [--config NAME] [--data DIR] [--work-dir DIR] [--max-iters N]
         [--max-dets N] [--set key=value ...]
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(args.work_dir / "summary.json", summary)
     print(
         f"nuclei val (12 images, maxDets {args.max_dets}): bbox AP {metrics['bbox']['AP']:.1f}, "
-        f"segm AP {metrics['segm']['AP']:.1f}; {cfg.train.max_iters} iterations in "
+        f"segm AP {metrics['segm']['AP']:.1f}, boundary AP {metrics['boundary']['AP']:.1f}; "
+        f"{cfg.train.max_iters} iterations in "
         f"{train_seconds / 60:.1f} min of training ({seconds / 60:.1f} min in all)"
     )
     return 0

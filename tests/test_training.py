@@ -28,6 +28,9 @@ NARROW = [
     "model.roi_head.box_head.fc_channels=32",
     "model.roi_head.mask_head.in_channels=16",
     "model.roi_head.mask_head.conv_channels=16",
+    "model.roi_head.refine_mask.in_channels=16",
+    "model.roi_head.refine_mask.semantic_in_channels=16",
+    "model.roi_head.refine_mask.conv_channels=32",
 ]
 COMMON = [
     "data.train_scales=((192,128),)",
@@ -67,7 +70,8 @@ def test_zoo_config_trains_with_finite_decreasing_loss(name, dataset, tmp_path):
     log = [json.loads(x) for x in (tmp_path / "work" / "log.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in log] == list(range(1, ITERS + 1))
     losses = {k for k in log[0] if k.startswith("loss_")}
-    assert ("loss_mask" in losses) == name.startswith("mask")
+    assert ("loss_mask" in losses) == name.startswith(("mask", "refinemask"))
+    assert ("loss_semantic" in losses) == (name.startswith("refinemask") and "faster" not in name)
     assert all(math.isfinite(r[k]) for r in log for k in [*losses, "total"])
     first = sum(r["total"] for r in log[:3]) / 3
     last = sum(r["total"] for r in log[-3:]) / 3

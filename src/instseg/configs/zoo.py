@@ -22,7 +22,7 @@ from ..modeling.backbone import ResNetConfig
 from ..modeling.dense_heads import RPNConfig
 from ..modeling.detectors import TwoStageConfig
 from ..modeling.neck import FPNConfig
-from ..modeling.roi import BoxHeadConfig, MaskHeadConfig, RoIHeadConfig
+from ..modeling.roi import BoxHeadConfig, MaskHeadConfig, RefineMaskHeadConfig, RoIHeadConfig
 
 COCO_TRAIN_IMAGES = 118_287
 
@@ -263,6 +263,91 @@ def mask_rcnn_r18_fpn_groie_small() -> ExperimentConfig:
     )
 
 
+# ------------------------------------------------------------------------------ RefineMask
+# The RefineMask table (spec §3.7): Mask R-CNN with the RefineMask head (P2 semantic branch,
+# stages 14 -> 112), the box losses weighted 2.0 and gradients clipped at 35 (L2).
+
+
+def _use_refinemask(
+    cfg: ExperimentConfig, name: str, description: str, head: RefineMaskHeadConfig
+) -> ExperimentConfig:
+    """``cfg`` (a Mask R-CNN), renamed, with the RefineMask head and recipe."""
+    roi_head = cfg.model.roi_head
+    roi_head.mask_head_kind = "refinemask"
+    roi_head.refine_mask = head
+    roi_head.loss_cls_weight = 2.0
+    roi_head.loss_bbox_weight = 2.0
+    cfg.train.schedule.grad_clip = 35.0
+    cfg.name, cfg.description = name, description
+    return cfg
+
+
+def _schedule_2x(cfg: ExperimentConfig) -> ExperimentConfig:
+    """24 epochs with the lr divided by 10 after epochs 16 and 22."""
+    batch = cfg.train.batch_size
+    cfg.train.max_iters = _epochs_to_iters(24, batch)
+    cfg.train.schedule.steps = (_epochs_to_iters(16, batch), _epochs_to_iters(22, batch))
+    return cfg
+
+
+def _refinemask(depth: int, epochs: int) -> ExperimentConfig:
+    base = mask_rcnn_r50_fpn_1x_coco() if depth == 50 else mask_rcnn_r101_fpn_1x_coco()
+    if epochs == 24:
+        base = _schedule_2x(base)
+    official = {(50, 12): "37.3", (50, 24): "37.8", (101, 12): "38.6", (101, 24): "39.0"}
+    return _use_refinemask(
+        base,
+        f"refinemask_r{depth}_fpn_{epochs // 12}x_coco",
+        f"RefineMask R-{depth}-FPN, {epochs // 12}x COCO (mask AP {official[depth, epochs]} "
+        "on val2017, official README)",
+        RefineMaskHeadConfig(),
+    )
+
+
+def refinemask_r50_fpn_1x_coco() -> ExperimentConfig:
+    return _refinemask(50, 12)
+
+
+def refinemask_r50_fpn_2x_coco() -> ExperimentConfig:
+    return _refinemask(50, 24)
+
+
+def refinemask_r101_fpn_1x_coco() -> ExperimentConfig:
+    return _refinemask(101, 12)
+
+
+def refinemask_r101_fpn_2x_coco() -> ExperimentConfig:
+    return _refinemask(101, 24)
+
+
+def refinemask_r50_fpn_faster_better_1x_coco() -> ExperimentConfig:
+    """The official r50-refinemask-1x-faster-better (spec §3.9)."""
+    return _use_refinemask(
+        mask_rcnn_r50_fpn_1x_coco(),
+        "refinemask_r50_fpn_faster_better_1x_coco",
+        "RefineMask R-50-FPN faster & better head (SimpleRefineMaskHead), 1x COCO",
+        RefineMaskHeadConfig(
+            variant="faster_better",
+            class_agnostic_last_stage=True,
+            stage_loss_weights=(0.5, 0.75, 0.75, 1.0),
+        ),
+    )
+
+
+def refinemask_r18_fpn_small() -> ExperimentConfig:
+    """``mask_rcnn_r18_fpn_small`` with the RefineMask head at the small width (64 -> 32 ->
+    16 -> 8 channels over the stages) and the RefineMask box-loss weights; the small
+    configs' tighter gradient clip (10) is kept."""
+    cfg = _use_refinemask(
+        mask_rcnn_r18_fpn_small(),
+        "refinemask_r18_fpn_small",
+        "RefineMask R-18-FPN (half width, from scratch), CPU-sized",
+        RefineMaskHeadConfig(in_channels=64, semantic_in_channels=64, conv_channels=64),
+    )
+    cfg.train.schedule.grad_clip = 10.0
+    return cfg
+
+
 ZOO: dict[str, Callable[[], ExperimentConfig]] = {
     fn.__name__: fn
     for fn in (
@@ -275,6 +360,12 @@ ZOO: dict[str, Callable[[], ExperimentConfig]] = {
         faster_rcnn_r50_fpn_groie_1x_coco,
         mask_rcnn_r50_fpn_groie_1x_coco,
         mask_rcnn_r18_fpn_groie_small,
+        refinemask_r50_fpn_1x_coco,
+        refinemask_r50_fpn_2x_coco,
+        refinemask_r101_fpn_1x_coco,
+        refinemask_r101_fpn_2x_coco,
+        refinemask_r50_fpn_faster_better_1x_coco,
+        refinemask_r18_fpn_small,
     )
 }
 # Names with '-' cannot be function names; _gcnet builds the name it is listed under.

@@ -1,6 +1,7 @@
 """Faster R-CNN and Mask R-CNN: backbone -> FPN -> RPN -> RoI heads -> post-process.
 
-Mask R-CNN is Faster R-CNN with ``roi_head.with_mask = True``. Batches hold images of
+Mask R-CNN is Faster R-CNN with ``roi_head.with_mask = True``; RefineMask is Mask R-CNN with
+``roi_head.mask_head_kind = "refinemask"``. Batches hold images of
 different sizes padded together (``ImageBatch``); every stage works on the whole batch.
 """
 
@@ -14,7 +15,7 @@ from ...structures import ImageBatch, ImageInfo, Instances, InstanceTargets
 from ..backbone import ResNet, ResNetConfig
 from ..dense_heads import RPNConfig, RPNHead
 from ..neck import FPN, FPNConfig
-from ..roi import RoIHeadConfig, StandardRoIHead
+from ..roi import RefineRoIHead, RoIHeadConfig, StandardRoIHead
 
 
 @dataclass
@@ -32,7 +33,8 @@ class TwoStageDetector(nn.Module):
         self.backbone = ResNet(cfg.backbone)
         self.neck = FPN(list(self.backbone.out_channels), cfg.neck)
         self.rpn_head = RPNHead(cfg.rpn)
-        self.roi_head = StandardRoIHead(cfg.roi_head, cfg.neck.out_channels)
+        head = RefineRoIHead if cfg.roi_head.mask_head_kind == "refinemask" else StandardRoIHead
+        self.roi_head = head(cfg.roi_head, cfg.neck.out_channels)
 
     def features(self, images: ImageBatch) -> list[Tensor]:
         return self.neck(self.backbone(images.tensor))

@@ -10,15 +10,22 @@ from .extractor import (
 from .groie import GenericRoIExtractor, GRoIEConfig
 from .heads import BoxHeadConfig, FCNMaskHead, MaskHeadConfig, Shared2FCBoxHead
 from .pooling import pool_level, rescale_rois
-from .standard import RoIHeadConfig, StandardRoIHead
+from .refine_roi_head import RefineRoIHead
+from .refinemask import REFINEMASK_VARIANTS, RefineMaskHead, RefineMaskHeadConfig
+from .standard import MASK_HEAD_KINDS, RoIHeadConfig, StandardRoIHead
 
 __all__ = [
     "EXTRACTOR_KINDS",
+    "MASK_HEAD_KINDS",
+    "REFINEMASK_VARIANTS",
     "BoxHeadConfig",
     "FCNMaskHead",
     "GRoIEConfig",
     "GenericRoIExtractor",
     "MaskHeadConfig",
+    "RefineMaskHead",
+    "RefineMaskHeadConfig",
+    "RefineRoIHead",
     "RoIExtractorConfig",
     "RoIHeadConfig",
     "Shared2FCBoxHead",

@@ -1,17 +1,30 @@
-"""RefineMask (Zhang et al., CVPR 2021; spec §3): the boundary-aware parts.
+"""RefineMask (Zhang et al., CVPR 2021; spec §3): the multi-stage, boundary-aware mask head.
 
-RefineMask predicts a mask at 14, 28, 56 and 112 px per RoI. Stages after ``start_stage``
-are trained only on a boundary band of the previous stage's mask (BAR loss, §3.6), and at
-test time each finer prediction replaces the upsampled coarser one only in the width-1 band
-of the coarser binary mask (§3.8). This module holds those pieces: the band
-(``block_target``, §3.5), the test-time merge, and the loss. The head itself comes next.
+RefineMask predicts a mask at 14, 28, 56 and 112 px per RoI. Each stage fuses the RoI's
+instance features with semantic features RoI-pooled from a semantic branch on FPN P2
+(plus the stage's mask and the semantic foreground mask) through a multi-branch dilated
+fusion, then upsamples (§3.3). Stages after ``start_stage`` are trained only on a boundary
+band of the previous stage's mask (BAR loss, §3.6), and at test time each finer prediction
+replaces the upsampled coarser one only in the width-1 band of the coarser binary mask
+(§3.8).
+
+Read top to bottom: the band (``block_target``, §3.5), the merge, the instance loss; then
+the config, the stages and the head (both the paper's head and the faster-better variant of
+§3.9); then the test-time cascade and the semantic target (§3.4). The RoI head that feeds
+it lives in :mod:`.refine_roi_head`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from itertools import pairwise
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from ...layers import ConvModule
+from ...ops import roi_align
 
 BOUNDARY, INTERIOR = 1, 2
 
@@ -116,3 +129,413 @@ def refine_mask_loss(
             previous_binary = merged.sigmoid() >= 0.5
         total = total + weight * loss
     return total
+
+
+# ------------------------------------------------------------------------------- the head
+
+REFINEMASK_VARIANTS = ("refinemask", "faster_better")
+
+
+@dataclass
+class RefineMaskHeadConfig:
+    """The RefineMask mask head; the defaults are the official r50 COCO config (§3.3, §3.7).
+
+    ``variant="faster_better"`` is the ``SimpleRefineMaskHead`` of §3.9: no semantic logits
+    or loss, one bilinear sample per bin for the semantic features, global-average fusion,
+    and the last stage's logits computed at 56 and upsampled (unless
+    ``pre_upsample_last_stage``). Its official config also uses a class-agnostic last stage
+    and loss weights (0.5, 0.75, 0.75, 1.0); the zoo config sets those.
+    """
+
+    variant: str = "refinemask"
+    in_channels: int = 256  # RoI features from the mask extractor
+    semantic_in_channels: int = 256  # FPN P2, the finest level
+    conv_channels: int = 256
+    num_convs_instance: int = 2
+    num_convs_semantic: int = 4
+    dilations: tuple[int, ...] = (1, 3, 5)
+    semantic_stride: int = 4
+    stage_sizes: tuple[int, ...] = (14, 28, 56, 112)
+    class_agnostic_last_stage: bool = False  # LVIS: stage_num_classes[-1] = 1
+    mask_use_sigmoid: bool = True  # refinemask variant: fuse mask probabilities, not logits
+    pre_upsample_last_stage: bool = False  # faster_better variant only
+    stage_loss_weights: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+    semantic_loss_weight: float = 1.0
+    boundary_width: int = 2
+    start_stage: int = 1
+    test_chunk_size: int = 100  # RoIs per mask forward at test time, as the official code
+
+    def __post_init__(self) -> None:
+        key = "roi_head.refine_mask"
+        if self.variant not in REFINEMASK_VARIANTS:
+            raise ValueError(
+                f"{key}.variant must be one of {REFINEMASK_VARIANTS}, got {self.variant!r}"
+            )
+        sizes = tuple(self.stage_sizes)
+        if len(sizes) < 2 or any(b != 2 * a for a, b in pairwise(sizes)) or sizes[0] <= 0:
+            raise ValueError(
+                f"{key}.stage_sizes must be at least two positive sizes, each twice the one "
+                f"before (e.g. (14, 28, 56, 112)), got {sizes}"
+            )
+        if len(self.stage_loss_weights) != len(sizes):
+            raise ValueError(
+                f"{key}.stage_loss_weights needs one weight per stage size ({len(sizes)}), "
+                f"got {len(self.stage_loss_weights)}"
+            )
+        last_channels = self.conv_channels >> (len(sizes) - 1)
+        if last_channels << (len(sizes) - 1) != self.conv_channels or last_channels < 4:
+            raise ValueError(
+                f"{key}.conv_channels ({self.conv_channels}) must halve exactly "
+                f"{len(sizes) - 1} times to at least 4 channels"
+            )
+        for name in ("in_channels", "semantic_in_channels", "semantic_stride"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{key}.{name} must be positive, got {getattr(self, name)}")
+        if not self.dilations or min(self.dilations) <= 0:
+            raise ValueError(f"{key}.dilations must be positive, got {self.dilations}")
+        if self.boundary_width < 1:
+            raise ValueError(f"{key}.boundary_width must be >= 1, got {self.boundary_width}")
+        if not 0 <= self.start_stage < len(sizes):
+            raise ValueError(
+                f"{key}.start_stage must be in [0, {len(sizes) - 1}], got {self.start_stage}"
+            )
+        if self.test_chunk_size < 1:
+            raise ValueError(f"{key}.test_chunk_size must be >= 1, got {self.test_chunk_size}")
+
+    @property
+    def with_semantic_loss(self) -> bool:
+        return self.variant == "refinemask"
+
+
+def _init_1x1(*convs: nn.Conv2d) -> None:
+    """The official init of the head's plain convs: kaiming normal (fan_out, ReLU), bias 0."""
+    for conv in convs:
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(conv.bias)
+
+
+def _class_logits(conv: nn.Conv2d, x: Tensor, labels: Tensor) -> Tensor:
+    """``conv(x)[arange(N), labels]`` for a 1x1 ``conv``, as ``(N, S, S)``, without computing
+    the other classes' maps (80 maps of 56 x 56 per RoI would dominate the head's memory)."""
+    weight = conv.weight[labels, :, 0, 0]
+    return torch.einsum("nchw,nc->nhw", x, weight) + conv.bias[labels][:, None, None]
+
+
+def _upsample2x(x: Tensor) -> Tensor:
+    """mmcv's ``bilinear`` upsample layer: scale 2, align_corners=False."""
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+
+def bin_centre_sample(feat: Tensor, rois: Tensor, size: int, spatial_scale: float) -> Tensor:
+    """mmcv ``SimpleRoIAlign`` (§3.9): one bilinear sample at the centre of each of the
+    ``size x size`` bins, zero outside the map. ``(K, 5)`` RoIs -> ``(K, C, size, size)``.
+
+    A bin centre at image ``x`` reads the map at ``x * spatial_scale - 0.5`` (grid_sample with
+    align_corners=False), as RoIAlign(aligned, sampling_ratio=1) does inside the map.
+    """
+    out = feat.new_zeros((rois.shape[0], feat.shape[1], size, size))
+    if rois.shape[0] == 0:
+        return out
+    steps = (torch.arange(size, device=feat.device, dtype=feat.dtype) + 0.5) / size
+    x1, y1, x2, y2 = (rois[:, i : i + 1].to(feat.dtype) for i in range(1, 5))
+    # Image coordinates of the bin centres, then grid_sample's [-1, 1] (align_corners=False).
+    xs = (x1 + steps * (x2 - x1)) * spatial_scale / feat.shape[-1] * 2 - 1
+    ys = (y1 + steps * (y2 - y1)) * spatial_scale / feat.shape[-2] * 2 - 1
+    grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)
+    batch_index = rois[:, 0].long()
+    for b in batch_index.unique().tolist():
+        pick = torch.nonzero(batch_index == b).squeeze(1)
+        # All RoIs of image b as one (1, K_b * size, size) grid: one grid_sample per image.
+        sampled = F.grid_sample(
+            feat[b : b + 1],
+            grid[pick].reshape(1, -1, size, 2),
+            mode="bilinear",
+            padding_mode="zeros",
+            align_corners=False,
+        )
+        out[pick] = sampled.view(feat.shape[1], -1, size, size).transpose(0, 1)
+    return out
+
+
+class MultiBranchFusion(nn.Module):
+    """Parallel 3x3 ConvModules with the given dilations, summed (plus the global average of
+    the input for the faster-better variant's ``MultiBranchFusionAvg``), then a 1x1
+    ConvModule without activation."""
+
+    def __init__(self, channels: int, dilations: tuple[int, ...], global_average: bool) -> None:
+        super().__init__()
+        self.num_branches = len(dilations)
+        self.global_average = global_average
+        for i, dilation in enumerate(dilations, start=1):
+            branch = ConvModule(channels, channels, 3, padding=dilation, dilation=dilation)
+            self.add_module(f"dilation_conv_{i}", branch)
+        self.merge_conv = ConvModule(channels, channels, 1, activation=None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = sum(getattr(self, f"dilation_conv_{i}")(x) for i in range(1, self.num_branches + 1))
+        if self.global_average:
+            out = out + x.mean(dim=(2, 3), keepdim=True)
+        return self.merge_conv(out)
+
+
+class SFMStage(nn.Module):
+    """One semantic fusion stage (§3.3 steps 1-11): ``channels`` at ``S`` in, ``channels / 2``
+    at ``2S`` out, of which the last two are the stage's mask and the RoI's semantic mask."""
+
+    def __init__(
+        self, cfg: RefineMaskHeadConfig, channels: int, num_classes: int, global_average: bool
+    ) -> None:
+        super().__init__()
+        self.spatial_scale = 1.0 / cfg.semantic_stride
+        self.mask_use_sigmoid = cfg.mask_use_sigmoid
+        self.semantic_transform_in = nn.Conv2d(cfg.conv_channels, channels, 1)
+        self.semantic_transform_out = nn.Conv2d(channels, channels, 1)
+        self.instance_logits = nn.Conv2d(channels, num_classes, 1)
+        self.fuse_conv = nn.ModuleList(
+            [
+                nn.Conv2d(2 * channels + 2, channels, 1),
+                MultiBranchFusion(channels, cfg.dilations, global_average),
+            ]
+        )
+        self.fuse_transform_out = nn.Conv2d(channels, channels // 2 - 2, 1)
+        _init_1x1(
+            self.semantic_transform_in,
+            self.semantic_transform_out,
+            self.instance_logits,
+            self.fuse_conv[0],
+            self.fuse_transform_out,
+        )
+
+    def semantic(self, semantic_feat: Tensor) -> Tensor:
+        """Step 1, on the whole P2-resolution map (once per batch, shared by every RoI)."""
+        return F.relu(self.semantic_transform_in(semantic_feat))
+
+    def forward(
+        self,
+        instance_feats: Tensor,
+        stage_semantic: Tensor,
+        semantic_masks: Tensor,
+        rois: Tensor,
+        labels: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        size = instance_feats.shape[-1]
+        pooled = roi_align(stage_semantic, rois, size, self.spatial_scale, 0, True)
+        ins_semantic = F.relu(self.semantic_transform_out(pooled))
+        logits = _class_logits(self.instance_logits, instance_feats, labels)[:, None]
+        ins_mask = logits.sigmoid() if self.mask_use_sigmoid else logits
+        sem_mask = roi_align(semantic_masks, rois, size, self.spatial_scale, 0, True)
+        x = torch.cat([instance_feats, ins_semantic, ins_mask, sem_mask], dim=1)
+        for conv in self.fuse_conv:
+            x = F.relu(conv(x))
+        x = F.relu(_upsample2x(F.relu(self.fuse_transform_out(x))))
+        masks = F.interpolate(
+            torch.cat([ins_mask, sem_mask], dim=1),
+            size=2 * size,
+            mode="bilinear",
+            align_corners=True,
+        )
+        return logits[:, 0], torch.cat([x, masks], dim=1)
+
+
+class SimpleSFMStage(nn.Module):
+    """A faster-better stage (§3.9): semantic features sampled once per bin with no output
+    transform, the stage's mask probability fused and re-attached before the upsampling."""
+
+    def __init__(self, cfg: RefineMaskHeadConfig, channels: int) -> None:
+        super().__init__()
+        self.spatial_scale = 1.0 / cfg.semantic_stride
+        self.semantic_transform_in = nn.Conv2d(cfg.conv_channels, channels, 1)
+        self.fuse_conv = nn.ModuleList(
+            [
+                nn.Conv2d(2 * channels + 1, channels, 1),
+                MultiBranchFusion(channels, cfg.dilations, global_average=True),
+            ]
+        )
+        self.fuse_transform_out = nn.Conv2d(channels, channels // 2 - 1, 1)
+        _init_1x1(self.semantic_transform_in, self.fuse_conv[0], self.fuse_transform_out)
+
+    def semantic(self, semantic_feat: Tensor) -> Tensor:
+        return F.relu(self.semantic_transform_in(semantic_feat))
+
+    def forward(
+        self,
+        instance_feats: Tensor,
+        logits: Tensor,
+        stage_semantic: Tensor,
+        rois: Tensor,
+        upsample: bool,
+    ) -> Tensor:
+        size = instance_feats.shape[-1]
+        ins_semantic = bin_centre_sample(stage_semantic, rois, size, self.spatial_scale)
+        mask = logits.sigmoid()[:, None]
+        x = torch.cat([instance_feats, ins_semantic, mask], dim=1)
+        for conv in self.fuse_conv:
+            x = F.relu(conv(x))
+        x = torch.cat([F.relu(self.fuse_transform_out(x)), mask], dim=1)
+        return _upsample2x(x) if upsample else x
+
+
+@dataclass
+class SemanticOutputs:
+    """What the semantic branch gives every RoI chunk of a batch: each stage's transformed
+    P2 features, and (refinemask variant) the binary foreground logits and probabilities."""
+
+    stage_feats: list[Tensor]
+    logits: Tensor | None
+    masks: Tensor | None  # what the stages pool: sigmoid(logits), or logits
+
+
+class RefineMaskHead(nn.Module):
+    """The RefineMask head (§3.3) or its faster-better variant (§3.9).
+
+    ``semantic(p2)`` runs the semantic branch once per batch; ``instances(...)`` maps a
+    chunk of RoIs to the per-stage logits ``[(N, 14, 14), (N, 28, 28), (N, 56, 56),
+    (N, 112, 112)]`` (one map per RoI: its label's). Parameter names follow the official
+    ``RefineMaskHead`` / ``SimpleRefineMaskHead``.
+    """
+
+    def __init__(self, cfg: RefineMaskHeadConfig, num_classes: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = num_classes
+        width = cfg.conv_channels
+        self.instance_convs = nn.ModuleList(
+            ConvModule(cfg.in_channels if i == 0 else width, width, 3, padding=1)
+            for i in range(cfg.num_convs_instance)
+        )
+        self.semantic_convs = nn.ModuleList(
+            ConvModule(cfg.semantic_in_channels if i == 0 else width, width, 3, padding=1)
+            for i in range(cfg.num_convs_semantic)
+        )
+        if cfg.num_convs_instance == 0 and cfg.in_channels != width:
+            raise ValueError(
+                "roi_head.refine_mask: with no instance convs, in_channels must equal conv_channels"
+            )
+        if cfg.num_convs_semantic == 0 and cfg.semantic_in_channels != width:
+            raise ValueError(
+                "roi_head.refine_mask: with no semantic convs, "
+                "semantic_in_channels must equal conv_channels"
+            )
+        channels = [width >> k for k in range(len(cfg.stage_sizes))]
+        last_classes = 1 if cfg.class_agnostic_last_stage else num_classes
+        self.stages = nn.ModuleList()
+        if cfg.variant == "refinemask":
+            for c in channels[:-1]:
+                self.stages.append(SFMStage(cfg, c, num_classes, global_average=False))
+            self.final_instance_logits = nn.Conv2d(channels[-1], last_classes, 1)
+            self.semantic_logits = nn.Conv2d(width, 1, 1)
+            _init_1x1(self.final_instance_logits, self.semantic_logits)
+        else:
+            for c in channels[:-1]:
+                self.stages.append(SimpleSFMStage(cfg, c))
+            classes = [num_classes] * (len(channels) - 1) + [last_classes]
+            self.stage_instance_logits = nn.ModuleList(
+                nn.Conv2d(c, k, 1) for c, k in zip(channels, classes, strict=True)
+            )
+            _init_1x1(*self.stage_instance_logits)
+
+    def semantic(self, p2: Tensor) -> SemanticOutputs:
+        x = p2
+        for conv in self.semantic_convs:
+            x = conv(x)
+        stage_feats = [stage.semantic(x) for stage in self.stages]
+        if self.cfg.variant != "refinemask":
+            return SemanticOutputs(stage_feats, None, None)
+        logits = self.semantic_logits(x)
+        masks = logits.sigmoid() if self.cfg.mask_use_sigmoid else logits
+        return SemanticOutputs(stage_feats, logits, masks)
+
+    def instances(
+        self, roi_feats: Tensor, semantic: SemanticOutputs, rois: Tensor, labels: Tensor
+    ) -> list[Tensor]:
+        """Per-stage logits of each RoI's ``labels`` channel, coarse to fine."""
+        x = roi_feats
+        for conv in self.instance_convs:
+            x = conv(x)
+        last_labels = labels.clamp(max=0) if self.cfg.class_agnostic_last_stage else labels
+        stage_logits = []
+        if self.cfg.variant == "refinemask":
+            assert semantic.masks is not None
+            for stage, feats in zip(self.stages, semantic.stage_feats, strict=True):
+                logits, x = stage(x, feats, semantic.masks, rois, labels)
+                stage_logits.append(logits)
+            stage_logits.append(_class_logits(self.final_instance_logits, x, last_labels))
+            return stage_logits
+        last = len(self.stages) - 1
+        for k, (stage, feats) in enumerate(zip(self.stages, semantic.stage_feats, strict=True)):
+            logits = _class_logits(self.stage_instance_logits[k], x, labels)
+            upsample = k < last or self.cfg.pre_upsample_last_stage
+            x = stage(x, logits, feats, rois, upsample)
+            stage_logits.append(logits)
+        final = _class_logits(self.stage_instance_logits[-1], x, last_labels)
+        if not self.cfg.pre_upsample_last_stage:
+            final = _upsample(final, 2 * final.shape[-1])
+        stage_logits.append(final)
+        return stage_logits
+
+    def forward(
+        self, roi_feats: Tensor, p2: Tensor, rois: Tensor, labels: Tensor
+    ) -> tuple[list[Tensor], Tensor | None]:
+        """Training forward: per-stage logits and the semantic logits (None for the
+        faster-better variant)."""
+        semantic = self.semantic(p2)
+        return self.instances(roi_feats, semantic, rois, labels), semantic.logits
+
+    def loss(
+        self,
+        stage_logits: list[Tensor],
+        stage_targets: list[Tensor],
+        semantic_logits: Tensor | None,
+        semantic_target: Tensor | None,
+    ) -> dict[str, Tensor]:
+        """``loss_mask`` (§3.6 instance loss) and, for the refinemask variant,
+        ``loss_semantic``: BCE of the binary foreground map, averaged over its pixels."""
+        cfg = self.cfg
+        if stage_logits[0].shape[0] == 0:
+            loss_mask = sum(s.sum() for s in stage_logits) * 0.0
+        else:
+            loss_mask = refine_mask_loss(
+                stage_logits,
+                stage_targets,
+                cfg.stage_loss_weights,
+                cfg.boundary_width,
+                cfg.start_stage,
+            )
+        losses = {"loss_mask": loss_mask}
+        if cfg.with_semantic_loss:
+            assert semantic_logits is not None and semantic_target is not None
+            losses["loss_semantic"] = cfg.semantic_loss_weight * F.binary_cross_entropy_with_logits(
+                semantic_logits[:, 0], semantic_target.to(semantic_logits.dtype)
+            )
+        return losses
+
+
+def merge_stages(stage_logits: list[Tensor]) -> Tensor:
+    """Test-time cascade of §3.8: stage 0 is dropped, then each finer stage is merged into
+    the (already merged) coarser one. Returns the finest merged logits."""
+    merged = stage_logits[1]
+    for fine in stage_logits[2:]:
+        merged = merge_stage_logits(merged, fine)
+    return merged
+
+
+def semantic_target(
+    masks: list[Tensor], padded_size: tuple[int, int], out_size: tuple[int, int]
+) -> Tensor:
+    """The semantic target of §3.4: per image the union of all its GT masks, zero-padded to
+    the batch's padded size, resized bilinearly (align_corners=False) to the semantic map's
+    size and ``>= 0.5``. ``masks[i]`` is ``(N_i, h_i, w_i)`` at image i's size; returns
+    ``(B, *out_size)`` bool."""
+    height, width = padded_size
+    device = masks[0].device if masks else torch.device("cpu")
+    union = torch.zeros((len(masks), 1, height, width), device=device)
+    for i, image_masks in enumerate(masks):
+        h, w = image_masks.shape[-2:]
+        if h > height or w > width:
+            raise ValueError(
+                f"image {i}: masks of size {h}x{w} do not fit the padded size {height}x{width}"
+            )
+        if image_masks.shape[0] > 0:
+            union[i, 0, :h, :w] = image_masks.any(dim=0)
+    resized = F.interpolate(union, size=out_size, mode="bilinear", align_corners=False)
+    return resized[:, 0] >= 0.5

@@ -26,6 +26,9 @@ from ...structures import ImageInfo, Instances, InstanceTargets
 from ..anchors import AssignerConfig, SamplerConfig, assign, sample
 from .extractor import RoIExtractorConfig, build_roi_extractor
 from .heads import BoxHeadConfig, FCNMaskHead, MaskHeadConfig, Shared2FCBoxHead, select_class
+from .refinemask import RefineMaskHeadConfig
+
+MASK_HEAD_KINDS = ("fcn", "refinemask")
 
 
 @dataclass
@@ -35,7 +38,11 @@ class RoIHeadConfig:
     box_extractor: RoIExtractorConfig = field(default_factory=lambda: RoIExtractorConfig(7))
     mask_extractor: RoIExtractorConfig = field(default_factory=lambda: RoIExtractorConfig(14))
     box_head: BoxHeadConfig = field(default_factory=BoxHeadConfig)
+    # "fcn": Mask R-CNN's FCNMaskHead (``mask_head``); "refinemask": the RefineMask head
+    # (``refine_mask``, spec §3), which also reads FPN P2 for its semantic branch.
+    mask_head_kind: str = "fcn"
     mask_head: MaskHeadConfig = field(default_factory=MaskHeadConfig)
+    refine_mask: RefineMaskHeadConfig = field(default_factory=RefineMaskHeadConfig)
     assigner: AssignerConfig = field(default_factory=AssignerConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     target_stds: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)
@@ -52,11 +59,61 @@ class RoIHeadConfig:
             raise ValueError(f"roi_head.num_classes must be positive, got {self.num_classes}")
         if self.max_per_image <= 0:
             raise ValueError(f"roi_head.max_per_image must be positive, got {self.max_per_image}")
+        if self.mask_head_kind not in MASK_HEAD_KINDS:
+            raise ValueError(
+                f"roi_head.mask_head_kind must be one of {MASK_HEAD_KINDS}, "
+                f"got {self.mask_head_kind!r}"
+            )
+        if self.mask_head_kind != "fcn" and not self.with_mask:
+            raise ValueError(
+                f"roi_head.mask_head_kind is {self.mask_head_kind!r} but roi_head.with_mask is "
+                "False; set with_mask=True or use mask_head_kind='fcn'"
+            )
 
 
-def _rois(boxes: list[Tensor]) -> Tensor:
+def boxes_to_rois(boxes: list[Tensor]) -> Tensor:
     """Per-image ``(N_i, 4)`` boxes as one ``(sum N_i, 5)`` RoI tensor."""
     return torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1) for i, b in enumerate(boxes)])
+
+
+def crop_mask_targets(
+    pos_boxes: list[Tensor],
+    pos_gt: list[Tensor],
+    targets: list[InstanceTargets],
+    sizes: list[int] | tuple[int, ...],
+) -> list[Tensor]:
+    """Mask targets of the positive RoIs, one ``(sum N_i, S, S)`` bool tensor per size S.
+
+    Each RoI's assigned GT mask is cropped by the RoI, clipped to the image, with RoIAlign
+    (aligned, adaptive sampling) at S x S and binarised at 0.5 (mmdet's bitmap
+    ``crop_and_resize``).
+    """
+    per_size: list[list[Tensor]] = [[] for _ in sizes]
+    for boxes, gt_index, target in zip(pos_boxes, pos_gt, targets, strict=True):
+        if boxes.shape[0] == 0:
+            continue
+        if target.masks is None:
+            raise ValueError("mask training needs targets with masks (with_masks=True data)")
+        used, local = torch.unique(gt_index, return_inverse=True)
+        masks = target.masks[used][:, None].to(boxes.dtype)
+        height, width = target.masks.shape[-2:]
+        clipped = torch.stack(
+            [
+                boxes[:, 0].clamp(0, width),
+                boxes[:, 1].clamp(0, height),
+                boxes[:, 2].clamp(0, width),
+                boxes[:, 3].clamp(0, height),
+            ],
+            dim=1,
+        )
+        crop_rois = torch.cat([local[:, None].to(boxes.dtype), clipped], 1)
+        for crops, size in zip(per_size, sizes, strict=True):
+            crops.append(roi_align(masks, crop_rois, size, 1.0, 0, True)[:, 0] >= 0.5)
+    device = pos_boxes[0].device if pos_boxes else torch.device("cpu")
+    return [
+        torch.cat(crops) if crops else torch.zeros((0, s, s), dtype=torch.bool, device=device)
+        for crops, s in zip(per_size, sizes, strict=True)
+    ]
 
 
 def _check_width(extractor: nn.Module, head_channels: int, key: str) -> None:
@@ -79,8 +136,11 @@ class StandardRoIHead(nn.Module):
         self.bbox_head = Shared2FCBoxHead(cfg.box_head, cfg.num_classes)
         if cfg.with_mask:
             self.mask_roi_extractor = build_roi_extractor(cfg.mask_extractor, in_channels)
-            _check_width(self.mask_roi_extractor, cfg.mask_head.in_channels, "mask_head")
-            self.mask_head = FCNMaskHead(cfg.mask_head, cfg.num_classes)
+            self.mask_head = self._build_mask_head(in_channels)
+
+    def _build_mask_head(self, in_channels: int) -> nn.Module:
+        _check_width(self.mask_roi_extractor, self.cfg.mask_head.in_channels, "mask_head")
+        return FCNMaskHead(self.cfg.mask_head, self.cfg.num_classes)
 
     # ----------------------------------------------------------------------------- training
 
@@ -104,7 +164,7 @@ class StandardRoIHead(nn.Module):
             pos_boxes.append(props[pos])
             pos_gt.append(gt_index)
 
-        rois = _rois(sampled)
+        rois = boxes_to_rois(sampled)
         cls_score, bbox_pred = self.bbox_head(self.bbox_roi_extractor(feats, rois))
         labels_all = torch.cat(labels)
         is_pos = labels_all < cfg.num_classes
@@ -116,37 +176,26 @@ class StandardRoIHead(nn.Module):
             / max(rois.shape[0], 1),
         }
         if cfg.with_mask:
-            losses["loss_mask"] = cfg.loss_mask_weight * self._mask_loss(
-                feats, pos_boxes, pos_gt, labels_all[is_pos], targets
-            )
+            losses.update(self._mask_losses(feats, pos_boxes, pos_gt, labels_all[is_pos], targets))
         return losses
 
-    def _mask_loss(
+    def _mask_losses(
         self,
         feats: list[Tensor],
         pos_boxes: list[Tensor],
         pos_gt: list[Tensor],
         pos_labels: Tensor,
         targets: list[InstanceTargets],
-    ) -> Tensor:
-        rois = _rois(pos_boxes)
+    ) -> dict[str, Tensor]:
+        rois = boxes_to_rois(pos_boxes)
         logits = self.mask_head(self.mask_roi_extractor(feats, rois))
         if rois.shape[0] == 0:
-            return logits.sum() * 0.0
-        size = logits.shape[-1]
-        mask_targets = []
-        for boxes, gt_index, target in zip(pos_boxes, pos_gt, targets, strict=True):
-            if boxes.shape[0] == 0:
-                continue
-            if target.masks is None:
-                raise ValueError("mask training needs targets with masks (with_masks=True data)")
-            used, local = torch.unique(gt_index, return_inverse=True)
-            masks = target.masks[used][:, None].to(boxes.dtype)
-            crop_rois = torch.cat([local[:, None].to(boxes.dtype), boxes], 1)
-            mask_targets.append(roi_align(masks, crop_rois, size, 1.0, 0, True)[:, 0] >= 0.5)
-        return F.binary_cross_entropy_with_logits(
-            select_class(logits, pos_labels), torch.cat(mask_targets).to(logits.dtype)
+            return {"loss_mask": logits.sum() * 0.0}
+        (mask_targets,) = crop_mask_targets(pos_boxes, pos_gt, targets, [logits.shape[-1]])
+        loss = F.binary_cross_entropy_with_logits(
+            select_class(logits, pos_labels), mask_targets.to(logits.dtype)
         )
+        return {"loss_mask": self.cfg.loss_mask_weight * loss}
 
     # ---------------------------------------------------------------------------- inference
 
@@ -161,7 +210,7 @@ class StandardRoIHead(nn.Module):
         """Detections per image, in original image coordinates when ``infos`` is given (else
         in the network input frame)."""
         cfg = self.cfg
-        rois = _rois(proposals)
+        rois = boxes_to_rois(proposals)
         cls_score, bbox_pred = self.bbox_head(self.bbox_roi_extractor(feats, rois))
         scores_all = F.softmax(cls_score, dim=1)[:, : cfg.num_classes]
         counts = [p.shape[0] for p in proposals]
@@ -200,10 +249,9 @@ class StandardRoIHead(nn.Module):
         image_sizes: list[tuple[int, int]],
         infos: list[ImageInfo] | None,
     ) -> None:
-        rois = _rois(input_boxes)
-        probs = self.mask_head(self.mask_roi_extractor(feats, rois)) if rois.shape[0] else None
+        rois = boxes_to_rois(input_boxes)
         labels = torch.cat([r.labels for r in results])
-        probs = select_class(probs, labels).sigmoid() if probs is not None else None
+        probs = self._mask_probs(feats, rois, labels) if rois.shape[0] else None
         start = 0
         for i, result in enumerate(results):
             n = len(result)
@@ -215,3 +263,8 @@ class StandardRoIHead(nn.Module):
                 probs[start : start + n], result.boxes, out_size, self.cfg.mask_thr
             )
             start += n
+
+    def _mask_probs(self, feats: list[Tensor], rois: Tensor, labels: Tensor) -> Tensor:
+        """``(N, M, M)`` mask probabilities of the RoIs' labels."""
+        logits = self.mask_head(self.mask_roi_extractor(feats, rois))
+        return select_class(logits, labels).sigmoid()
