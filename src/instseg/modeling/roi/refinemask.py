@@ -221,6 +221,12 @@ def _class_logits(conv: nn.Conv2d, x: Tensor, labels: Tensor) -> Tensor:
     return torch.einsum("nchw,nc->nhw", x, weight) + conv.bias[labels][:, None, None]
 
 
+def _channels_last(x: Tensor) -> Tensor:
+    """The head's many-RoI, few-channel maps (e.g. 256 RoIs x 16 ch x 56 x 56) convolve 2-3x
+    faster on CPU in channels-last layout (and it is the fast layout on GPU too)."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 def _upsample2x(x: Tensor) -> Tensor:
     """mmcv's ``bilinear`` upsample layer: scale 2, align_corners=False."""
     return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
@@ -324,7 +330,7 @@ class SFMStage(nn.Module):
         logits = _class_logits(self.instance_logits, instance_feats, labels)[:, None]
         ins_mask = logits.sigmoid() if self.mask_use_sigmoid else logits
         sem_mask = roi_align(semantic_masks, rois, size, self.spatial_scale, 0, True)
-        x = torch.cat([instance_feats, ins_semantic, ins_mask, sem_mask], dim=1)
+        x = _channels_last(torch.cat([instance_feats, ins_semantic, ins_mask, sem_mask], dim=1))
         for conv in self.fuse_conv:
             x = F.relu(conv(x))
         x = F.relu(_upsample2x(F.relu(self.fuse_transform_out(x))))
@@ -334,7 +340,7 @@ class SFMStage(nn.Module):
             mode="bilinear",
             align_corners=True,
         )
-        return logits[:, 0], torch.cat([x, masks], dim=1)
+        return logits[:, 0], _channels_last(torch.cat([x, masks], dim=1))
 
 
 class SimpleSFMStage(nn.Module):
@@ -368,11 +374,11 @@ class SimpleSFMStage(nn.Module):
         size = instance_feats.shape[-1]
         ins_semantic = bin_centre_sample(stage_semantic, rois, size, self.spatial_scale)
         mask = logits.sigmoid()[:, None]
-        x = torch.cat([instance_feats, ins_semantic, mask], dim=1)
+        x = _channels_last(torch.cat([instance_feats, ins_semantic, mask], dim=1))
         for conv in self.fuse_conv:
             x = F.relu(conv(x))
-        x = torch.cat([F.relu(self.fuse_transform_out(x)), mask], dim=1)
-        return _upsample2x(x) if upsample else x
+        x = _channels_last(torch.cat([F.relu(self.fuse_transform_out(x)), mask], dim=1))
+        return _channels_last(_upsample2x(x)) if upsample else x
 
 
 @dataclass
@@ -435,7 +441,7 @@ class RefineMaskHead(nn.Module):
             _init_1x1(*self.stage_instance_logits)
 
     def semantic(self, p2: Tensor) -> SemanticOutputs:
-        x = p2
+        x = _channels_last(p2)
         for conv in self.semantic_convs:
             x = conv(x)
         stage_feats = [stage.semantic(x) for stage in self.stages]
@@ -449,7 +455,7 @@ class RefineMaskHead(nn.Module):
         self, roi_feats: Tensor, semantic: SemanticOutputs, rois: Tensor, labels: Tensor
     ) -> list[Tensor]:
         """Per-stage logits of each RoI's ``labels`` channel, coarse to fine."""
-        x = roi_feats
+        x = _channels_last(roi_feats)
         for conv in self.instance_convs:
             x = conv(x)
         last_labels = labels.clamp(max=0) if self.cfg.class_agnostic_last_stage else labels
