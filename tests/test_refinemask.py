@@ -235,6 +235,16 @@ def _conv(x, conv):
     return F.conv2d(x, conv.weight, conv.bias, padding=conv.padding, dilation=conv.dilation)
 
 
+def _branch_convs(head, roi_feats, p2):
+    """The instance and semantic conv stacks (3x3 conv + ReLU each), before the stages."""
+    x, sem_feat = roi_feats, p2
+    for conv in head.instance_convs:
+        x = F.relu(_conv(x, conv.conv))
+    for conv in head.semantic_convs:
+        sem_feat = F.relu(_conv(sem_feat, conv.conv))
+    return x, sem_feat
+
+
 def _spec_sfm_stage(stage, x, semantic_feat, semantic_logits, rois, labels):
     """§3.3 steps 1-11 with plain convolutions and explicit label selection."""
     size = x.shape[-1]
@@ -265,12 +275,7 @@ def test_sfm_stage_follows_the_spec_steps():
     roi_feats, p2, rois, _ = _head_inputs(width=32, dtype=torch.float64)
     labels = torch.tensor([3, 0, 4])
     semantic = head.semantic(p2)
-    x = roi_feats
-    for conv in head.instance_convs:
-        x = F.relu(_conv(x, conv.conv))
-    sem_feat = p2
-    for conv in head.semantic_convs:
-        sem_feat = F.relu(_conv(sem_feat, conv.conv))
+    x, sem_feat = _branch_convs(head, roi_feats, p2)
     sem_logits = _conv(sem_feat, head.semantic_logits)
     torch.testing.assert_close(semantic.logits, sem_logits)
     ours = head.instances(roi_feats, semantic, rois, labels)
@@ -322,12 +327,7 @@ def test_faster_better_stage_follows_the_spec():
     head = _head("faster_better", width=32, classes=5, class_agnostic_last_stage=True).double()
     roi_feats, p2, rois, _ = _head_inputs(width=32, dtype=torch.float64)
     labels = torch.tensor([3, 0, 4])
-    x = roi_feats
-    for conv in head.instance_convs:
-        x = F.relu(_conv(x, conv.conv))
-    sem_feat = p2
-    for conv in head.semantic_convs:
-        sem_feat = F.relu(_conv(sem_feat, conv.conv))
+    x, sem_feat = _branch_convs(head, roi_feats, p2)
     ours = head.instances(roi_feats, head.semantic(p2), rois, labels)
     for k, stage in enumerate(head.stages):
         all_logits = _conv(x, head.stage_instance_logits[k])
