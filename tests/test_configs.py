@@ -27,9 +27,35 @@ def test_every_zoo_config_builds_and_round_trips_through_json():
     for name in ZOO:
         cfg = get_config(name)
         assert cfg.name == name and cfg.description
-        assert cfg.model.roi_head.with_mask == name.startswith("mask")
+        assert cfg.model.roi_head.with_mask == name.startswith(("mask", "refinemask"))
+        assert (cfg.model.roi_head.mask_head_kind == "refinemask") == name.startswith("refinemask")
         rebuilt = from_dict(ExperimentConfig, json.loads(json.dumps(to_dict(cfg))))
         assert rebuilt == cfg
+
+
+def test_refinemask_recipe_matches_spec():
+    """Spec §3.7 and §3.9: the head values, the loss weights, the clip and the schedules."""
+    cfg = get_config("refinemask_r50_fpn_1x_coco")
+    base = get_config("mask_rcnn_r50_fpn_1x_coco")
+    roi = cfg.model.roi_head
+    assert roi.mask_head_kind == "refinemask"
+    assert roi.loss_cls_weight == 2.0 and roi.loss_bbox_weight == 2.0
+    assert cfg.train.schedule.grad_clip == 35.0 and base.train.schedule.grad_clip is None
+    head = roi.refine_mask
+    assert head.variant == "refinemask" and head.conv_channels == 256
+    assert (head.num_convs_instance, head.num_convs_semantic) == (2, 4)
+    assert head.dilations == (1, 3, 5) and head.semantic_stride == 4 and head.mask_use_sigmoid
+    assert head.stage_sizes == (14, 28, 56, 112) and not head.class_agnostic_last_stage
+    assert head.stage_loss_weights == (0.25, 0.5, 0.75, 1.0) and head.semantic_loss_weight == 1.0
+    assert head.boundary_width == 2 and head.start_stage == 1 and head.test_chunk_size == 100
+    assert roi.mask_extractor == base.model.roi_head.mask_extractor  # RoIAlign 14, sampling 0
+    assert cfg.train.max_iters == base.train.max_iters and cfg.model.backbone == base.model.backbone
+    twice = get_config("refinemask_r50_fpn_2x_coco").train
+    assert twice.max_iters == 177430 and twice.schedule.steps == (118287, 162645)  # 24, [16, 22]
+    assert get_config("refinemask_r101_fpn_1x_coco").model.backbone.depth == 101
+    fast = get_config("refinemask_r50_fpn_faster_better_1x_coco").model.roi_head.refine_mask
+    assert fast.variant == "faster_better" and fast.class_agnostic_last_stage
+    assert fast.stage_loss_weights == (0.5, 0.75, 0.75, 1.0) and not fast.pre_upsample_last_stage
 
 
 def test_coco_1x_recipe_matches_spec():
