@@ -25,8 +25,9 @@ import torch
 
 from _timing import median_seconds  # sibling module of this script
 from instseg.configs import get_config
+from instseg.data.loader import pad_images
 from instseg.runner import build_model
-from instseg.structures import ImageBatch, ImageInfo
+from instseg.structures import ImageInfo
 
 PAPER_RATIO = 11.4 / 15.7
 
@@ -39,11 +40,9 @@ def measure(config: str, device_name: str, batch: int, iters: int, size: tuple[i
     cfg.model.roi_head.score_thr = 0.0
     model = build_model(cfg, 80).to(device).eval()
     height, width = size
-    padded = (-(-height // 32) * 32, -(-width // 32) * 32)
     gen = torch.Generator().manual_seed(1)
-    images = ImageBatch(
-        torch.randn(batch, 3, *padded, generator=gen).to(device), [(height, width)] * batch
-    )
+    images = pad_images([torch.randn(3, height, width, generator=gen) for _ in range(batch)])
+    images = images.to(device)
     infos = [ImageInfo(i, "", (height, width), (height, width)) for i in range(batch)]
     detections: list[int] = []
 

@@ -259,15 +259,18 @@ def _check_results(results: list[dict[str, Any]], gt: COCO, iou_types: Sequence[
                 )
 
 
+def _result_copies(results: list[dict[str, Any]], iou_type: str) -> list[dict[str, Any]]:
+    """Copies of the results with the keys ``iou_type`` evaluates (``loadRes`` mutates its
+    input). Mask types leave out 'bbox': ``loadRes`` then takes the instance area from the
+    mask, so the area ranges of mask and Boundary AP refer to mask areas, like the GT's."""
+    geometry = "bbox" if iou_type == "bbox" else "segmentation"
+    keys = ("image_id", "category_id", geometry, "score")
+    return [{k: r[k] for k in keys} for r in results]
+
+
 def _load_results(gt: COCO, results: list[dict[str, Any]], iou_type: str) -> COCO:
-    """Results as a pycocotools ``COCO``; copies the dicts, since ``loadRes`` mutates them."""
-    if iou_type == "bbox":
-        keys = ("image_id", "category_id", "bbox", "score")
-    else:
-        # Without 'bbox', loadRes takes the instance area from the mask, not the box: the
-        # area ranges of mask AP then refer to mask areas, like the ground truth's.
-        keys = ("image_id", "category_id", "segmentation", "score")
-    anns = [{k: r[k] for k in keys} for r in results]
+    """Results as a pycocotools ``COCO``."""
+    anns = _result_copies(results, iou_type)
     if anns:
         with _quiet():
             return gt.loadRes(anns)
@@ -302,9 +305,7 @@ def _boundary_eval(gt: COCO, results: list[dict[str, Any]]) -> faster_coco_eval.
         "annotations": [dict(ann) for ann in dataset.get("annotations", [])],
     }
     fast_gt.createIndex()
-    # Without 'bbox', loadRes takes the area from the mask, as for segm.
-    keys = ("image_id", "category_id", "segmentation", "score")
-    fast_dt = fast_gt.loadRes([{k: r[k] for k in keys} for r in results])
+    fast_dt = fast_gt.loadRes(_result_copies(results, "boundary"))
     return faster_coco_eval.COCOeval_faster(
         fast_gt,
         fast_dt,

@@ -21,7 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...ops import batched_nms, decode_deltas, encode_deltas, paste_masks_in_image, roi_align
+from ...ops import (
+    batched_nms,
+    clip_boxes_to_image,
+    decode_deltas,
+    encode_deltas,
+    paste_masks_in_image,
+    roi_align,
+)
 from ...structures import ImageInfo, Instances, InstanceTargets
 from ..anchors import AssignerConfig, SamplerConfig, assign, sample
 from .extractor import RoIExtractorConfig, build_roi_extractor
@@ -96,16 +103,7 @@ def crop_mask_targets(
             raise ValueError("mask training needs targets with masks (with_masks=True data)")
         used, local = torch.unique(gt_index, return_inverse=True)
         masks = target.masks[used][:, None].to(boxes.dtype)
-        height, width = target.masks.shape[-2:]
-        clipped = torch.stack(
-            [
-                boxes[:, 0].clamp(0, width),
-                boxes[:, 1].clamp(0, height),
-                boxes[:, 2].clamp(0, width),
-                boxes[:, 3].clamp(0, height),
-            ],
-            dim=1,
-        )
+        clipped = clip_boxes_to_image(boxes, tuple(target.masks.shape[-2:]))
         crop_rois = torch.cat([local[:, None].to(boxes.dtype), clipped], 1)
         for crops, size in zip(per_size, sizes, strict=True):
             crops.append(roi_align(masks, crop_rois, size, 1.0, 0, True)[:, 0] >= 0.5)
