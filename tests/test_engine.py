@@ -8,12 +8,13 @@ and python RNGs) stand in for the detectors, so these tests only exercise the en
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import random
 import re
 import signal
-from dataclasses import dataclass
+from dataclasses import FrozenInstanceError, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from torch import nn
 
 import instseg.engine.checkpoint as checkpoint_module
 import instseg.engine.trainer as trainer_module
+from instseg.data.loader import GroupedBatchSampler, make_loader
 from instseg.engine import (
     CheckpointError,
     ScheduleConfig,
@@ -36,7 +38,7 @@ from instseg.engine import (
     save_checkpoint,
     train,
 )
-from instseg.structures import ImageBatch, ImageInfo, InstanceTargets
+from instseg.structures import ImageBatch, ImageInfo, InstanceTargets, TrainingContext
 
 MAX_ITERS = 14
 EPOCH_LEN = 6  # 7 landscape + 4 portrait images, batch 2: 4 + 2 batches per epoch
@@ -97,7 +99,12 @@ class ToyModel(nn.Module):
         self.tied = self.head
         self.poison = False
 
-    def forward(self, images: ImageBatch, targets: list[InstanceTargets]) -> dict:
+    def forward(
+        self,
+        images: ImageBatch,
+        targets: list[InstanceTargets],
+        context: TrainingContext | None = None,
+    ) -> dict:
         x = self.drop(F.relu(self.norm(self.conv(images.tensor))))
         out = self.tied(x)
         fg = torch.zeros_like(out[:, 0])
@@ -196,6 +203,12 @@ def test_configs_name_the_bad_field():
         ScheduleConfig(warmup_ratio=2.0)
     with pytest.raises(ValueError, match="grad_clip"):
         ScheduleConfig(grad_clip=0.0)
+    with pytest.raises(ValueError, match="norm_decay_mult"):
+        ScheduleConfig(norm_decay_mult=-0.5)
+    with pytest.raises(ValueError, match="bias_decay_mult"):
+        ScheduleConfig(bias_decay_mult="0")
+    with pytest.raises(ValueError, match="bias_decay_mult"):
+        ScheduleConfig(bias_decay_mult=float("nan"))
     with pytest.raises(ValueError, match="max_iters"):
         TrainConfig(max_iters=0)
     with pytest.raises(ValueError, match="batch_size"):
@@ -622,3 +635,215 @@ def test_cuda_bf16_run_and_resume(tmp_path):
     result = train(resumed, ToyDataset(), cfg, tmp_path, resume=True)
     assert (result.status, result.iteration) == ("finished", 4)
     assert all(torch.isfinite(v).all() for v in resumed.state_dict().values())
+
+
+# ------------------------------------------------------- model outputs, context, groups
+
+
+class DiagnosticModel(ToyModel):
+    """ToyModel plus entries that are not losses: a residual with a gradient path into the
+    head (it would change the weights if it were optimised), a constant accuracy, and a
+    residual that is NaN on the third step."""
+
+    def forward(self, images, targets, context=None) -> dict:
+        outputs = super().forward(images, targets, context)
+        outputs["residual"] = 100.0 * (self.head.weight**2).sum()
+        outputs["acc"] = torch.tensor(0.5)
+        bad = context is not None and context.iteration == 2
+        outputs["solver_gap"] = torch.tensor(float("nan") if bad else 1.0)
+        return outputs
+
+
+def test_diagnostics_are_logged_not_optimised(reference, tmp_path, capsys):
+    torch.manual_seed(1234)
+    model = DiagnosticModel()
+    result = train(model, ToyDataset(), _cfg(), tmp_path)
+    assert result.status == "finished"  # a NaN diagnostic is not fatal
+    _assert_identical(_weights(model), reference[0])
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    for record, entry, ref in zip(records, result.history, reference[1].history, strict=True):
+        assert entry["total"] == ref["total"] == entry["loss_mask"] + entry["loss_level"]
+        assert record["total"] == pytest.approx(entry["total"])
+        assert record["residual"] > 0 and record["acc"] == 0.5
+    assert math.isnan(records[2]["solver_gap"]) and records[3]["solver_gap"] == 1.0
+    assert "residual" in capsys.readouterr().err
+
+
+class _Outputs(nn.Module):
+    """A model returning the entries it is given (each times a parameter)."""
+
+    def __init__(self, **shapes: tuple[int, ...]) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.shapes = shapes
+
+    def forward(self, images, targets, context=None) -> dict:
+        return {k: self.scale * torch.ones(shape) for k, shape in self.shapes.items()}
+
+
+def test_model_outputs_are_checked_and_named(tmp_path):
+    with pytest.raises(TypeError, match=r"no loss term.*\['acc', 'residual'\]"):
+        train(_Outputs(acc=(), residual=()), ToyDataset(), _cfg(max_iters=1), tmp_path / "a")
+    with pytest.raises(TypeError, match=r"'residual' is not a scalar tensor \(shape \(2,\)\)"):
+        model = _Outputs(loss_a=(), residual=(2,))
+        train(model, ToyDataset(), _cfg(max_iters=1), tmp_path / "b")
+    with pytest.raises(TypeError, match=r"'lr' clashes"):
+        train(_Outputs(loss_a=(), lr=()), ToyDataset(), _cfg(max_iters=1), tmp_path / "c")
+    # A single-element tensor of any shape is a scalar, as before.
+    result = train(_Outputs(loss_a=(1, 1), n=(1,)), ToyDataset(), _cfg(max_iters=1), tmp_path)
+    assert result.history[0]["total"] == result.history[0]["loss_a"] == 1.0
+
+
+class ContextModel(ToyModel):
+    """ToyModel that records the training context of every call."""
+
+    seen: list
+
+    def forward(self, images, targets, context=None) -> dict:
+        self.seen.append(context)
+        return super().forward(images, targets, context)
+
+
+def test_model_sees_the_training_context_across_a_resume(reference, tmp_path):
+    seen: list = []
+    k = EPOCH_LEN + 1
+    torch.manual_seed(1234)
+    first = ContextModel()
+    first.seen = seen
+    train(first, ToyDataset(), _cfg(), tmp_path, on_iteration=_signal_at(k))
+    assert len(seen) == k
+    model = ContextModel()
+    model.seen = seen
+    train(model, ToyDataset(), _cfg(), tmp_path, resume=True)
+    assert seen == [TrainingContext(i, MAX_ITERS) for i in range(MAX_ITERS)]
+    _assert_identical(_weights(model), reference[0])
+    with pytest.raises(FrozenInstanceError):
+        seen[0].iteration = 3
+
+
+class _NormNet(nn.Module):
+    """Every kind of layer the decay multipliers tell apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.gn = nn.GroupNorm(2, 4)
+        self.ln = nn.LayerNorm(4)
+        self.sync = nn.SyncBatchNorm(4)
+        self.inorm = nn.InstanceNorm2d(4, affine=True)
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))
+        self.fc = nn.Linear(4, 2)
+        self.fc_no_bias = nn.Linear(2, 2, bias=False)
+        self.frozen = nn.Linear(2, 2).requires_grad_(False)
+        self.tied = self.fc  # registered twice: optimised once
+        self.scale = nn.Parameter(torch.ones(1))
+        self.my_bias = nn.Parameter(torch.zeros(1))  # not named "bias": regular decay
+
+
+def test_decay_multipliers_pick_norm_and_bias_parameters():
+    wd, norm_mult, bias_mult = 0.01, 0.0, 0.5
+    expected = {
+        "conv.weight": wd,
+        "conv.bias": wd * bias_mult,
+        "bn.weight": 0.0,
+        "bn.bias": 0.0,
+        "gn.weight": 0.0,
+        "gn.bias": 0.0,
+        "ln.weight": 0.0,
+        "ln.bias": 0.0,
+        "sync.weight": 0.0,
+        "sync.bias": 0.0,
+        "inorm.weight": 0.0,
+        "inorm.bias": 0.0,
+        "block.0.weight": wd,
+        "block.1.weight": 0.0,
+        "block.1.bias": 0.0,
+        "fc.weight": wd,
+        "fc.bias": wd * bias_mult,
+        "fc_no_bias.weight": wd,
+        "scale": wd,
+        "my_bias": wd,
+    }
+    model = _NormNet()
+    names = {id(p): n for n, p in model.named_parameters()}
+    cfg = ScheduleConfig(weight_decay=wd, norm_decay_mult=norm_mult, bias_decay_mult=bias_mult)
+    optimizer = build_optimizer(model, cfg)
+    got = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            assert names[id(p)] not in got, f"{names[id(p)]} is in two groups"
+            got[names[id(p)]] = group["weight_decay"]
+    assert got.keys() == expected.keys()
+    for name, decay in expected.items():
+        assert got[name] == pytest.approx(decay), name
+    # One group per decay value, each in model order, the groups in order of first use.
+    order = list(names.values())
+    groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    assert [g[0] for g in groups] == ["scale", "conv.bias", "bn.weight"]  # root first
+    assert all(g == sorted(g, key=order.index) for g in groups)
+    again = build_optimizer(_NormNet(), cfg)
+    assert [len(g["params"]) for g in again.param_groups] == [len(g) for g in groups]
+    # Equal multipliers share one group.
+    same = ScheduleConfig(weight_decay=wd, norm_decay_mult=0.0, bias_decay_mult=0.0)
+    assert len(build_optimizer(model, same).param_groups) == 2
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ScheduleConfig(momentum=0.8, weight_decay=1e-3),
+        ScheduleConfig(weight_decay=0, norm_decay_mult=0.0, bias_decay_mult=3.0),
+    ],
+)
+def test_one_group_is_the_plain_optimizer(cfg):
+    model = _NormNet()
+    params = [p for p in model.parameters() if p.requires_grad]
+    plain = torch.optim.SGD(
+        params, lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    optimizer = build_optimizer(model, cfg)
+    assert len(optimizer.param_groups) == 1
+    assert all(a is b for a, b in zip(optimizer.param_groups[0]["params"], params, strict=True))
+    assert optimizer.state_dict() == plain.state_dict()
+    assert type(optimizer.param_groups[0]["weight_decay"]) is type(cfg.weight_decay)
+
+
+def test_several_groups_resume_bit_identical(tmp_path):
+    groups = dict(weight_decay=0.05, norm_decay_mult=0.0, bias_decay_mult=2.0)
+    schedule = ScheduleConfig(
+        base_lr=0.05, warmup_iters=4, warmup_ratio=0.1, steps=(9,), grad_clip=5.0, **groups
+    )
+    whole = _model()
+    train(whole, ToyDataset(), _cfg(schedule=schedule), tmp_path / "whole")
+    plain = _model()
+    plain_schedule = ScheduleConfig(**{**vars(schedule), "norm_decay_mult": 1.0})
+    train(plain, ToyDataset(), _cfg(schedule=plain_schedule), tmp_path / "plain")
+    assert not torch.equal(whole.norm.weight, plain.norm.weight)  # the multiplier acts
+
+    work_dir = tmp_path / "split"
+    train(_model(), ToyDataset(), _cfg(schedule=schedule), work_dir, on_iteration=_signal_at(5))
+    meta = json.loads((work_dir / "iter_00000005.json").read_text())
+    decays = [g["weight_decay"] for g in meta["optimizer"]["param_groups"]]
+    assert decays == pytest.approx([0.05, 0.1, 0.0])
+    model = ToyModel()
+    result = train(model, ToyDataset(), _cfg(schedule=schedule), work_dir, resume=True)
+    assert result.status == "finished"
+    _assert_identical(_weights(model), _weights(whole))
+    # A one-group optimizer cannot take the three-group state.
+    with pytest.raises(CheckpointError, match="optimizer state does not match"):
+        load_checkpoint(
+            work_dir, "model_final", _model(), build_optimizer(_model(), _cfg().schedule)
+        )
+
+
+def test_make_loader_batches_in_sampler_order_off_the_global_rng():
+    dataset = trainer_module._SeededSamples(ToyDataset())
+    sampler = GroupedBatchSampler([r.aspect_ratio for r in dataset.dataset.records], 2, seed=4)
+    state = torch.get_rng_state()
+    loader = make_loader(dataset, sampler, size_divisor=8, generator=torch.Generator())
+    batches = list(loader)
+    assert torch.equal(torch.get_rng_state(), state)
+    order = [[i for i, _ in b] for b in sampler.batches(0)]
+    assert [[info.image_id for info in infos] for _, _, infos in batches] == order
+    assert all(images.tensor.shape[-1] % 8 == 0 for images, _, _ in batches)

@@ -8,7 +8,7 @@ the number of loader workers.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -102,6 +102,32 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
         return len(self.batches(self.epoch)) - self.start_batch
 
 
+def make_loader(
+    dataset,
+    batch_sampler: torch.utils.data.Sampler,
+    *,
+    size_divisor: int = 32,
+    num_workers: int = 0,
+    generator: torch.Generator | None = None,
+    worker_init_fn: Callable[[int], None] | None = None,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader over ``dataset`` in the batches of ``batch_sampler``, padded by
+    :func:`make_collate`.
+
+    ``generator`` draws the loader's base seed when it is iterated (None: the global torch
+    RNG, as DataLoader does); ``worker_init_fn`` runs in each worker process.
+    """
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=make_collate(size_divisor),
+        num_workers=num_workers,
+        generator=generator,
+        worker_init_fn=worker_init_fn,
+        persistent_workers=False,
+    )
+
+
 def build_loader(
     dataset,
     batch_size: int,
@@ -114,10 +140,4 @@ def build_loader(
     sampler = GroupedBatchSampler(
         [r.aspect_ratio for r in dataset.records], batch_size, shuffle=train, seed=seed
     )
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=make_collate(size_divisor),
-        num_workers=num_workers,
-        persistent_workers=False,
-    )
+    return make_loader(dataset, sampler, size_divisor=size_divisor, num_workers=num_workers)

@@ -2,6 +2,8 @@
 
 The learning rate is a pure function of the iteration (:func:`lr_at`) and is written into the
 optimizer before every step, so a resumed run needs no scheduler state to continue exactly.
+Weight decay can be scaled for normalisation layers and biases (mmdet's ``paramwise_cfg``
+``norm_decay_mult`` and ``bias_decay_mult``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ class ScheduleConfig:
     ``steps`` are the iterations at which the learning rate is multiplied by ``gamma``;
     during the first ``warmup_iters`` iterations it rises linearly from
     ``warmup_ratio * lr`` towards the regular value. ``grad_clip`` is the maximum total
-    gradient norm (None: no clipping).
+    gradient norm (None: no clipping). Parameters of normalisation layers get
+    ``weight_decay * norm_decay_mult``, other biases ``weight_decay * bias_decay_mult``
+    (mmdet ``paramwise_cfg``).
     """
 
     base_lr: float = 0.02
@@ -39,6 +43,8 @@ class ScheduleConfig:
     steps: tuple[int, ...] = ()
     gamma: float = 0.1
     grad_clip: float | None = None
+    norm_decay_mult: float = 1.0
+    bias_decay_mult: float = 1.0
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -68,6 +74,10 @@ class ScheduleConfig:
             raise ValueError(
                 f"{name}.grad_clip must be None or a positive number, got {self.grad_clip!r}"
             )
+        for key in ("norm_decay_mult", "bias_decay_mult"):
+            value = getattr(self, key)
+            if not _is_number(value) or not value >= 0:
+                raise ValueError(f"{name}.{key} must be a number >= 0, got {value!r}")
 
 
 def lr_at(cfg: ScheduleConfig, iteration: int) -> float:
@@ -85,14 +95,55 @@ def lr_at(cfg: ScheduleConfig, iteration: int) -> float:
     return regular
 
 
+_NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def _decay_groups(model: nn.Module, cfg: ScheduleConfig) -> list[tuple[float, list[nn.Parameter]]]:
+    """``(weight_decay, params)`` per distinct decay value, for every trainable parameter.
+
+    Groups come in the order their first parameter has in ``model.parameters()``, and the
+    parameters of a group in that order too; a shared parameter counts once, where
+    ``model.parameters()`` first yields it.
+    """
+    groups: dict[float, list[nn.Parameter]] = {}
+    seen: set[int] = set()
+    for module in model.modules():
+        is_norm = isinstance(module, _NORM_LAYERS)
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            if not param.requires_grad:
+                continue
+            if is_norm:
+                mult = cfg.norm_decay_mult
+            elif name == "bias":
+                mult = cfg.bias_decay_mult
+            else:
+                mult = 1.0
+            # A multiplier of 1 keeps weight_decay itself (an int stays an int in the state).
+            decay = cfg.weight_decay if mult == 1 else cfg.weight_decay * mult
+            groups.setdefault(decay, []).append(param)
+    return list(groups.items())
+
+
 def build_optimizer(model: nn.Module, cfg: ScheduleConfig) -> torch.optim.SGD:
-    """SGD with momentum and weight decay over every parameter that requires a gradient."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    """SGD with momentum and weight decay over every parameter that requires a gradient.
+
+    One parameter group (``model.parameters()`` order) when every parameter has the same
+    decay, as with the default multipliers; otherwise one group per decay value
+    (:func:`_decay_groups`).
+    """
+    groups = _decay_groups(model, cfg)
+    if not groups:
         raise ValueError("the model has no parameter with requires_grad=True to optimise")
-    return torch.optim.SGD(
-        params, lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
+    if len(groups) == 1:
+        params: list[nn.Parameter] | list[dict] = groups[0][1]
+        weight_decay = groups[0][0]
+    else:
+        params = [{"params": ps, "weight_decay": decay} for decay, ps in groups]
+        weight_decay = cfg.weight_decay
+    return torch.optim.SGD(params, lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=weight_decay)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -32,8 +32,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..data.loader import GroupedBatchSampler, make_collate
+from ..data.loader import GroupedBatchSampler, make_loader
 from ..fileio import atomic_write_text
+from ..structures import ImageBatch, InstanceTargets, TrainingContext
 from .checkpoint import (
     FINAL_NAME,
     WEIGHTS_SUFFIX,
@@ -43,16 +44,14 @@ from .checkpoint import (
     remove_checkpoint,
     save_checkpoint,
 )
-from .schedule import ScheduleConfig, build_optimizer, lr_at, set_lr
+from .schedule import ScheduleConfig, _is_int, build_optimizer, lr_at, set_lr
 
 LOG_NAME = "log.jsonl"
 KEEP_PERIODIC = 2
 _PERIODIC = re.compile(r"^iter_(\d+)$")
 _ENGINE_KEYS = ("iteration", "epoch", "batch", "train_config", "num_images")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+# Keys of a log record the trainer writes itself: a model output may not take them.
+_LOG_KEYS = ("iteration", "lr", "total", "grad_norm", "seconds_per_iter", "eta_seconds")
 
 
 @dataclass
@@ -157,22 +156,22 @@ def _worker_init(_: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _make_loader(
+def _train_loader(
     dataset: torch.utils.data.Dataset,
     sampler: GroupedBatchSampler,
     cfg: TrainConfig,
     epoch: int,
 ) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(
+    """The loader of ``epoch``: seeded samples in the sampler's order."""
+    return make_loader(
         _SeededSamples(dataset),
-        batch_sampler=sampler,
-        collate_fn=make_collate(cfg.size_divisor),
+        sampler,
+        size_divisor=cfg.size_divisor,
         num_workers=cfg.num_workers,
         # The loader draws a base seed when iterated; its own generator keeps that draw
         # off the global RNG, which belongs to the model.
         generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch),
         worker_init_fn=_worker_init if cfg.num_workers > 0 else None,
-        persistent_workers=False,
     )
 
 
@@ -243,8 +242,9 @@ def _format_seconds(seconds: float) -> str:
 class _Progress:
     """A JSON line per window in ``log.jsonl`` and a one-line display on stderr.
 
-    Logged losses are the means over the window since the previous line. On a terminal the
-    display is rewritten in place; otherwise a plain line is printed per window.
+    Logged values are the means over the window since the previous line (over the
+    iterations that returned them). On a terminal the display is rewritten in place;
+    otherwise a plain line is printed per window.
     """
 
     def __init__(self, path: Path, max_iters: int, log_every: int, append: bool) -> None:
@@ -254,6 +254,7 @@ class _Progress:
         self.tty = sys.stderr.isatty()
         self.file = path.open("a" if append else "w", encoding="utf-8")
         self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
         self.count = 0
         self.window_start = time.perf_counter()
         self.last_draw = 0.0
@@ -272,22 +273,23 @@ class _Progress:
         print(text, file=sys.stderr, flush=True)
         self.last_draw = 0.0  # redraw the progress line at the next iteration
 
-    def _line(self, iteration: int, lr: float, losses: dict[str, float], sec: float) -> str:
-        parts = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
+    def _line(self, iteration: int, lr: float, values: dict[str, float], sec: float) -> str:
+        parts = " ".join(f"{k} {v:.4f}" for k, v in values.items())
         eta = _format_seconds(sec * (self.max_iters - iteration))
         return (
             f"iter {iteration}/{self.max_iters} | {parts} | lr {lr:.3e} | "
             f"{sec:.3f} s/it | eta {eta}"
         )
 
-    def update(self, iteration: int, lr: float, losses: dict[str, float]) -> None:
-        for key, value in losses.items():
+    def update(self, iteration: int, lr: float, values: dict[str, float]) -> None:
+        for key, value in values.items():
             self.sums[key] = self.sums.get(key, 0.0) + value
+            self.counts[key] = self.counts.get(key, 0) + 1
         self.count += 1
         now = time.perf_counter()
         sec = (now - self.window_start) / self.count
         if iteration % self.log_every == 0 or iteration == self.max_iters:
-            means = {k: v / self.count for k, v in self.sums.items()}
+            means = {k: v / self.counts[k] for k, v in self.sums.items()}
             record = {
                 "iteration": iteration,
                 "lr": lr,
@@ -299,9 +301,9 @@ class _Progress:
             self.file.flush()
             if not self.tty:
                 print(self._line(iteration, lr, means, sec), file=sys.stderr, flush=True)
-            self.sums, self.count, self.window_start = {}, 0, now
+            self.sums, self.counts, self.count, self.window_start = {}, {}, 0, now
         if self.tty and (now - self.last_draw > 0.1 or iteration == self.max_iters):
-            sys.stderr.write("\r" + self._line(iteration, lr, losses, sec) + "\x1b[K")
+            sys.stderr.write("\r" + self._line(iteration, lr, values, sec) + "\x1b[K")
             sys.stderr.flush()
             self.last_draw, self.drawn = now, True
 
@@ -332,23 +334,57 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _loss_values(losses: dict[str, Tensor], iteration: int) -> tuple[Tensor, dict[str, float]]:
-    """The total loss and every term as a float (one device sync)."""
-    if not isinstance(losses, dict) or not losses:
+def _is_loss(key: object) -> bool:
+    return isinstance(key, str) and key.startswith("loss")
+
+
+def _loss_values(outputs: dict[str, Tensor], iteration: int) -> tuple[Tensor, dict[str, float]]:
+    """The sum of the ``loss*`` terms, and every entry plus ``total`` as floats (one sync).
+
+    Other entries (diagnostics such as a solver residual or an accuracy) are logged only:
+    neither summed nor backpropagated. ``total`` is the sum of the loss terms.
+    """
+    if not isinstance(outputs, dict) or not outputs:
         raise TypeError(
             f"iteration {iteration}: the model must return a non-empty dict of losses in "
-            f"train mode, got {type(losses).__name__}"
+            f"train mode, got {type(outputs).__name__}"
         )
-    for key, value in losses.items():
+    for key, value in outputs.items():
         if not isinstance(value, Tensor) or value.numel() != 1:
-            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            raise TypeError(f"iteration {iteration}: loss {key!r} is not a scalar ({shape})")
-    total = sum(losses.values())
+            what = (
+                f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+            )
+            raise TypeError(
+                f"iteration {iteration}: output {key!r} is not a scalar tensor ({what})"
+            )
+        if key in _LOG_KEYS:
+            raise TypeError(
+                f"iteration {iteration}: output {key!r} clashes with a key the trainer logs "
+                f"({', '.join(_LOG_KEYS)})"
+            )
+    loss_keys = [key for key in outputs if _is_loss(key)]
+    if not loss_keys:
+        raise TypeError(
+            f"iteration {iteration}: the model returned no loss term (a key starting with "
+            f"'loss') to optimise; got keys {list(outputs)}"
+        )
+    total = sum(outputs[key] for key in loss_keys)
     assert isinstance(total, Tensor)
-    values = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
-    floats = dict(zip(losses, values.tolist(), strict=True))
-    floats["total"] = sum(floats.values())
+    values = torch.stack([v.detach().float().reshape(()) for v in outputs.values()])
+    floats = dict(zip(outputs, values.tolist(), strict=True))
+    floats["total"] = sum(floats[key] for key in loss_keys)
     return total, floats
+
+
+def _check_finite(values: dict[str, float], iteration: int) -> None:
+    """Stop on a non-finite loss term or total; a non-finite diagnostic is only logged."""
+    if all(math.isfinite(v) for k, v in values.items() if _is_loss(k) or k == "total"):
+        return
+    terms = ", ".join(f"{k}={v}" for k, v in values.items())
+    raise FloatingPointError(
+        f"non-finite loss at iteration {iteration}: {terms}; "
+        "training stopped, the last checkpoint is left as it was"
+    )
 
 
 def _periodic_iterations(work_dir: Path) -> list[tuple[int, str]]:
@@ -378,25 +414,26 @@ def _epoch_length(sampler: GroupedBatchSampler, epoch: int) -> int:
     return len(sampler.batches(epoch))
 
 
-def train(
-    model: nn.Module,
-    dataset: torch.utils.data.Dataset,
-    cfg: TrainConfig,
-    work_dir: str | Path,
-    resume: bool = False,
-    extra_state: dict[str, Any] | None = None,
-    on_iteration: Callable[[int, dict[str, float]], None] | None = None,
-) -> TrainResult:
-    """Train ``model`` on ``dataset`` until ``cfg.max_iters`` iterations are done.
+@dataclass
+class _Position:
+    """Iterations completed, and the epoch and batch of the data order that come next."""
 
-    ``model(images, targets)`` returns a dict of scalar losses, summed for the update.
-    Checkpoints go to ``work_dir`` (``iter_{n:08d}`` every ``cfg.checkpoint_every``, the
-    two latest kept; ``model_final`` at the end, whose ``.safetensors`` is the weights
-    file for eval/predict). ``resume`` continues exactly from the latest complete
-    checkpoint. SIGINT/SIGTERM stop after the current iteration with a checkpoint and
-    status "interrupted". ``extra_state`` (JSON-serialisable: config, categories...) is
-    stored in every checkpoint. ``on_iteration(n, losses)`` is called after iteration ``n``.
-    """
+    iteration: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+    def advance(self, epoch_len: int) -> None:
+        """Count one iteration done, in an epoch of ``epoch_len`` batches."""
+        self.iteration += 1
+        self.batch += 1
+        if self.batch >= epoch_len:
+            self.epoch, self.batch = self.epoch + 1, 0
+
+
+def _check_arguments(
+    cfg: TrainConfig, dataset: torch.utils.data.Dataset, extra_state: dict[str, Any] | None
+) -> tuple[dict[str, Any], list]:
+    """A copy of ``extra_state`` and the dataset's records, or an error naming the problem."""
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     extra_state = dict(extra_state or {})
@@ -412,7 +449,255 @@ def train(
         raise TypeError("the dataset needs a `records` list whose items have `.aspect_ratio`")
     if len(records) == 0:
         raise ValueError("the dataset is empty: nothing to train on")
+    return extra_state, records
 
+
+def _restore(
+    work_dir: Path,
+    name: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    num_images: int,
+    device: torch.device,
+) -> _Position:
+    """Load checkpoint ``name`` (weights, optimizer, RNG states) and its position, refusing
+    one that ``cfg`` and a dataset of ``num_images`` cannot continue exactly."""
+    state = load_checkpoint(work_dir, name, model, optimizer, device=device)
+    saved_cfg = state.get("train_config", {})
+    for key, now in (
+        ("batch_size", cfg.batch_size),
+        ("seed", cfg.seed),
+        ("num_images", num_images),
+    ):
+        before = state.get(key, saved_cfg.get(key))
+        if before is not None and before != now:
+            raise ValueError(
+                f"cannot resume {work_dir / name} exactly: {key} was {before}, now "
+                f"{now}; start a new work_dir to train with different data or batching"
+            )
+    for key in ("iteration", "epoch", "batch"):
+        if not _is_int(state.get(key)):
+            raise ValueError(
+                f"cannot resume from {work_dir / name}: its state has no integer "
+                f"{key!r} (not written by instseg.engine.train?)"
+            )
+    position = _Position(state["iteration"], state["epoch"], state["batch"])
+    if position.iteration > cfg.max_iters:
+        raise ValueError(
+            f"TrainConfig.max_iters is {cfg.max_iters} but the checkpoint "
+            f"{name} is already at iteration {position.iteration}"
+        )
+    return position
+
+
+def _start(
+    work_dir: Path,
+    resume: bool,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    num_images: int,
+    device: torch.device,
+) -> tuple[_Position, str | None]:
+    """Where the run starts, and the checkpoint it resumes from (None for a new run).
+
+    A new run seeds the global RNGs from ``cfg.seed``; a resumed one restores the latest
+    complete checkpoint and drops the log lines written after it.
+    """
+    last_name = latest_checkpoint(work_dir)
+    if not resume:
+        if last_name is not None:
+            raise FileExistsError(
+                f"{work_dir} already holds checkpoint {last_name!r}: pass resume=True to "
+                "continue it, or choose another work_dir"
+            )
+        _seed_everything(cfg.seed)
+        return _Position(), None
+    if last_name is None:
+        raise FileNotFoundError(f"cannot resume: no complete checkpoint in {work_dir}")
+    position = _restore(work_dir, last_name, model, optimizer, cfg, num_images, device)
+    _trim_log(work_dir / LOG_NAME, position.iteration)
+    return position, last_name
+
+
+class _Run:
+    """One call of :func:`train` from ``position``: the iterations until ``cfg.max_iters``
+    or a stop signal, the progress log and the checkpoints written on the way."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataset: torch.utils.data.Dataset,
+        cfg: TrainConfig,
+        work_dir: Path,
+        *,
+        optimizer: torch.optim.Optimizer,
+        sampler: GroupedBatchSampler,
+        position: _Position,
+        resumed_from: str | None,
+        num_images: int,
+        extra_state: dict[str, Any],
+        device: torch.device,
+        amp: bool,
+        on_iteration: Callable[[int, dict[str, float]], None] | None,
+    ) -> None:
+        self.model, self.dataset, self.cfg, self.work_dir = model, dataset, cfg, work_dir
+        self.optimizer, self.sampler, self.position = optimizer, sampler, position
+        self.resumed_from, self.num_images, self.extra_state = resumed_from, num_images, extra_state
+        self.device, self.amp, self.on_iteration = device, amp, on_iteration
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.history: list[dict[str, float]] = []
+        self.stop = _StopRequest()
+        resumed = resumed_from is not None
+        self.last_saved = position.iteration if resumed else -1
+        self.weights = checkpoint_files(work_dir, resumed_from)[0] if resumed_from else work_dir
+        self.progress = _Progress(work_dir / LOG_NAME, cfg.max_iters, cfg.log_every, resumed)
+
+    def run(self) -> TrainResult:
+        """Train until ``max_iters`` or a stop signal, then save and say how it ended."""
+        try:
+            with _signal_handlers(self.stop):
+                while self.position.iteration < self.cfg.max_iters and self.stop.requested is None:
+                    self._run_epoch()
+                return self._finish()
+        finally:
+            self.progress.close()
+
+    def _run_epoch(self) -> None:
+        """Iterate from the position to the end of its epoch, ``max_iters`` or a stop."""
+        pos = self.position
+        epoch_len = _epoch_length(self.sampler, pos.epoch)
+        if pos.batch >= epoch_len:
+            pos.epoch, pos.batch = pos.epoch + 1, 0
+            return
+        self.sampler.set_epoch(pos.epoch, pos.batch)
+        batches = iter(_train_loader(self.dataset, self.sampler, self.cfg, pos.epoch))
+        try:
+            for images, targets, _ in batches:
+                self._iteration(images, targets, epoch_len)
+                if pos.iteration >= self.cfg.max_iters:
+                    break
+                every = self.cfg.checkpoint_every
+                if every and pos.iteration % every == 0:
+                    self.weights = self._save(f"iter_{pos.iteration:08d}")
+                    self.last_saved = pos.iteration
+                if self.stop.requested is not None:
+                    break
+        finally:
+            del batches  # shuts loader workers down now, even on an error
+
+    def _iteration(
+        self, images: ImageBatch, targets: list[InstanceTargets], epoch_len: int
+    ) -> None:
+        """One optimisation step, then the position, history, log line and callback."""
+        pos = self.position
+        lr = lr_at(self.cfg.schedule, pos.iteration)
+        values = self._step(images, targets, lr, TrainingContext(pos.iteration, self.cfg.max_iters))
+        pos.advance(epoch_len)
+        self.history.append({"iteration": pos.iteration, "lr": lr, **values})
+        self.progress.update(pos.iteration, lr, values)
+        if self.on_iteration is not None:
+            self.on_iteration(pos.iteration, values)
+
+    def _step(
+        self,
+        images: ImageBatch,
+        targets: list[InstanceTargets],
+        lr: float,
+        context: TrainingContext,
+    ) -> dict[str, float]:
+        """Forward, backward of the loss terms, optional clipping and the SGD update at
+        ``lr``; returns the logged values."""
+        set_lr(self.optimizer, lr)
+        images = images.to(self.device)
+        targets = [t.to(self.device) for t in targets]
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+        )
+        with autocast:
+            outputs = self.model(images, targets, context=context)
+        number = context.iteration + 1
+        total, values = _loss_values(outputs, number)
+        _check_finite(values, number)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if self.cfg.schedule.grad_clip is not None:
+            norm = float(
+                torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.schedule.grad_clip)
+            )
+            if not math.isfinite(norm):
+                raise FloatingPointError(
+                    f"non-finite gradient norm at iteration {number} "
+                    f"(losses {values}); the last checkpoint is left as it was"
+                )
+            values["grad_norm"] = norm
+        self.optimizer.step()
+        return values
+
+    def _save(self, name: str) -> Path:
+        """Write checkpoint ``name`` (pruning old periodic ones); returns its weights file."""
+        pos = self.position
+        state = {
+            "iteration": pos.iteration,
+            "epoch": pos.epoch,
+            "batch": pos.batch,
+            "num_images": self.num_images,
+            "train_config": self.cfg.to_dict(),
+            **self.extra_state,
+        }
+        with self.stop.saving_guard():
+            save_checkpoint(self.work_dir, name, self.model, self.optimizer, state)
+            if name != FINAL_NAME:
+                _prune_periodic(self.work_dir, KEEP_PERIODIC)
+        self.progress.message(
+            f"saved checkpoint {self.work_dir / name} (iteration {pos.iteration})"
+        )
+        return self.work_dir / f"{name}{WEIGHTS_SUFFIX}"
+
+    def _finish(self) -> TrainResult:
+        """Save the final model (or the position at a stop) and build the result."""
+        pos, max_iters = self.position, self.cfg.max_iters
+        status: Literal["finished", "interrupted"]
+        if pos.iteration >= max_iters:
+            if self.resumed_from != FINAL_NAME or self.history:
+                self.weights = self._save(FINAL_NAME)
+            else:  # resumed a finished run: nothing new to save
+                self.weights = checkpoint_files(self.work_dir, FINAL_NAME)[0]
+            status = "finished"
+        else:
+            if self.last_saved != pos.iteration:
+                self.weights = self._save(f"iter_{pos.iteration:08d}")
+            status = "interrupted"
+            self.progress.message(
+                f"stopped at iteration {pos.iteration}/{max_iters} ({self.stop.requested}); "
+                "resume to continue"
+            )
+        return TrainResult(pos.iteration, status, self.weights, self.history)
+
+
+def train(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    cfg: TrainConfig,
+    work_dir: str | Path,
+    resume: bool = False,
+    extra_state: dict[str, Any] | None = None,
+    on_iteration: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``dataset`` until ``cfg.max_iters`` iterations are done.
+
+    ``model(images, targets, context=TrainingContext(iteration, max_iters))`` returns a dict
+    of scalar tensors: the ``loss*`` entries are summed for the update, any other entry (a
+    diagnostic) is only logged. Checkpoints go to ``work_dir`` (``iter_{n:08d}`` every
+    ``cfg.checkpoint_every``, the two latest kept; ``model_final`` at the end, whose
+    ``.safetensors`` is the weights file for eval/predict). ``resume`` continues exactly
+    from the latest complete checkpoint. SIGINT/SIGTERM stop after the current iteration
+    with a checkpoint and status "interrupted". ``extra_state`` (JSON-serialisable:
+    config, categories...) is stored in every checkpoint. ``on_iteration(n, values)`` is
+    called after iteration ``n``.
+    """
+    extra_state, records = _check_arguments(cfg, dataset, extra_state)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     device = _model_device(model)
@@ -426,147 +711,20 @@ def train(
     sampler = GroupedBatchSampler(
         [r.aspect_ratio for r in records], cfg.batch_size, shuffle=True, seed=cfg.seed
     )
-    log_path = work_dir / LOG_NAME
-
-    last_name = latest_checkpoint(work_dir)
-    if resume:
-        if last_name is None:
-            raise FileNotFoundError(f"cannot resume: no complete checkpoint in {work_dir}")
-        state = load_checkpoint(work_dir, last_name, model, optimizer, device=device)
-        saved_cfg = state.get("train_config", {})
-        for key, now in (
-            ("batch_size", cfg.batch_size),
-            ("seed", cfg.seed),
-            ("num_images", len(records)),
-        ):
-            before = state.get(key, saved_cfg.get(key))
-            if before is not None and before != now:
-                raise ValueError(
-                    f"cannot resume {work_dir / last_name} exactly: {key} was {before}, now "
-                    f"{now}; start a new work_dir to train with different data or batching"
-                )
-        for key in ("iteration", "epoch", "batch"):
-            if not _is_int(state.get(key)):
-                raise ValueError(
-                    f"cannot resume from {work_dir / last_name}: its state has no integer "
-                    f"{key!r} (not written by instseg.engine.train?)"
-                )
-        iteration, epoch, batch = state["iteration"], state["epoch"], state["batch"]
-        if iteration > cfg.max_iters:
-            raise ValueError(
-                f"TrainConfig.max_iters is {cfg.max_iters} but the checkpoint "
-                f"{last_name} is already at iteration {iteration}"
-            )
-        _trim_log(log_path, iteration)
-    else:
-        if last_name is not None:
-            raise FileExistsError(
-                f"{work_dir} already holds checkpoint {last_name!r}: pass resume=True to "
-                "continue it, or choose another work_dir"
-            )
-        _seed_everything(cfg.seed)
-        iteration, epoch, batch = 0, 0, 0
-    resumed_from = last_name if resume else None
-
-    history: list[dict[str, float]] = []
-    stop = _StopRequest()
-    progress = _Progress(log_path, cfg.max_iters, cfg.log_every, append=resume)
-    last_saved = iteration if resume else -1
-    weights = checkpoint_files(work_dir, last_name)[0] if resume and last_name else work_dir
-    trainable = [p for p in model.parameters() if p.requires_grad]
-
-    def save(name: str) -> Path:
-        state = {
-            "iteration": iteration,
-            "epoch": epoch,
-            "batch": batch,
-            "num_images": len(records),
-            "train_config": cfg.to_dict(),
-            **extra_state,
-        }
-        with stop.saving_guard():
-            save_checkpoint(work_dir, name, model, optimizer, state)
-            if name != FINAL_NAME:
-                _prune_periodic(work_dir, KEEP_PERIODIC)
-        progress.message(f"saved checkpoint {work_dir / name} (iteration {iteration})")
-        return work_dir / f"{name}{WEIGHTS_SUFFIX}"
-
-    try:
-        with _signal_handlers(stop):
-            while iteration < cfg.max_iters and stop.requested is None:
-                epoch_len = _epoch_length(sampler, epoch)
-                if batch >= epoch_len:
-                    epoch, batch = epoch + 1, 0
-                    continue
-                sampler.set_epoch(epoch, batch)
-                batches = iter(_make_loader(dataset, sampler, cfg, epoch))
-                try:
-                    for images, targets, _ in batches:
-                        lr = lr_at(cfg.schedule, iteration)
-                        set_lr(optimizer, lr)
-                        images = images.to(device)
-                        targets = [t.to(device) for t in targets]
-                        autocast = (
-                            torch.autocast("cuda", dtype=torch.bfloat16)
-                            if amp
-                            else contextlib.nullcontext()
-                        )
-                        with autocast:
-                            losses = model(images, targets)
-                        total, values = _loss_values(losses, iteration + 1)
-                        if not all(math.isfinite(v) for v in values.values()):
-                            terms = ", ".join(f"{k}={v}" for k, v in values.items())
-                            raise FloatingPointError(
-                                f"non-finite loss at iteration {iteration + 1}: {terms}; "
-                                "training stopped, the last checkpoint is left as it was"
-                            )
-                        optimizer.zero_grad(set_to_none=True)
-                        total.backward()
-                        if cfg.schedule.grad_clip is not None:
-                            norm = float(
-                                torch.nn.utils.clip_grad_norm_(trainable, cfg.schedule.grad_clip)
-                            )
-                            if not math.isfinite(norm):
-                                raise FloatingPointError(
-                                    f"non-finite gradient norm at iteration {iteration + 1} "
-                                    f"(losses {values}); the last checkpoint is left as it was"
-                                )
-                            values["grad_norm"] = norm
-                        optimizer.step()
-
-                        iteration += 1
-                        batch += 1
-                        if batch >= epoch_len:
-                            epoch, batch = epoch + 1, 0
-                        history.append({"iteration": iteration, "lr": lr, **values})
-                        progress.update(iteration, lr, values)
-                        if on_iteration is not None:
-                            on_iteration(iteration, values)
-                        if iteration >= cfg.max_iters:
-                            break
-                        every = cfg.checkpoint_every
-                        if every and iteration % every == 0:
-                            weights = save(f"iter_{iteration:08d}")
-                            last_saved = iteration
-                        if stop.requested is not None:
-                            break
-                finally:
-                    del batches  # shuts loader workers down now, even on an error
-
-            if iteration >= cfg.max_iters:
-                if resumed_from != FINAL_NAME or history:
-                    weights = save(FINAL_NAME)
-                else:
-                    weights = checkpoint_files(work_dir, FINAL_NAME)[0]
-                status: Literal["finished", "interrupted"] = "finished"
-            else:
-                if last_saved != iteration:
-                    weights = save(f"iter_{iteration:08d}")
-                status = "interrupted"
-                progress.message(
-                    f"stopped at iteration {iteration}/{cfg.max_iters} ({stop.requested}); "
-                    "resume to continue"
-                )
-    finally:
-        progress.close()
-    return TrainResult(iteration=iteration, status=status, weights=weights, history=history)
+    position, resumed_from = _start(work_dir, resume, model, optimizer, cfg, len(records), device)
+    run = _Run(
+        model,
+        dataset,
+        cfg,
+        work_dir,
+        optimizer=optimizer,
+        sampler=sampler,
+        position=position,
+        resumed_from=resumed_from,
+        num_images=len(records),
+        extra_state=extra_state,
+        device=device,
+        amp=amp,
+        on_iteration=on_iteration,
+    )
+    return run.run()

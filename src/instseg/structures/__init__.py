@@ -2,7 +2,8 @@
 
 ``ImageBatch`` + one ``InstanceTargets`` per image go into a detector during training; one
 ``Instances`` per image comes out of it at inference. ``ImageInfo`` carries what is needed to
-map predictions back to the original image and dataset ids.
+map predictions back to the original image and dataset ids. ``TrainingContext`` tells a model
+in training where the run stands (for losses or solvers that change over the schedule).
 """
 
 from __future__ import annotations
@@ -105,4 +106,16 @@ class Instances:
         )
 
 
-__all__ = ["ImageBatch", "ImageInfo", "InstanceTargets", "Instances"]
+@dataclass(frozen=True)
+class TrainingContext:
+    """Where a training run stands when a step is taken.
+
+    ``iteration`` is the number of iterations completed before this step (0 on the first,
+    the value the learning-rate schedule sees); ``max_iters`` is the length of the run.
+    """
+
+    iteration: int
+    max_iters: int
+
+
+__all__ = ["ImageBatch", "ImageInfo", "InstanceTargets", "Instances", "TrainingContext"]
