@@ -1,13 +1,14 @@
 """The command line and the operator demo, end to end."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from instseg.cli import build_parser, main
+from instseg.cli import build_parser, load_config, main, parse_args, trained_config
 from test_training import NARROW
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,28 +104,16 @@ def test_train_eval_predict_resume_from_the_command_line(tmp_path, capsys):
     out = tmp_path / "eval.json"
     results = tmp_path / "results.json"
     common = ["mask_rcnn_r18_fpn_small", "--checkpoint", weights, "--set", *TINY]
-    assert (
-        main(
-            [
-                "eval",
-                *common[:3],
-                "--ann",
-                str(ann),
-                "--images",
-                str(data),
-                "--max-dets",
-                "300",
-                "--out",
-                str(out),
-                "--results",
-                str(results),
-                "--set",
-                *TINY,
-            ]
-        )
-        == 0
-    )
+    eval_args = ["--ann", str(ann), "--images", str(data), "--max-dets", "300"]
+    written = ["--out", str(out), "--results", str(results)]
+    assert main(["eval", *common[:3], *eval_args, *written, "--set", *TINY]) == 0
     assert json.loads(out.read_text()).keys() == {"bbox", "segm", "boundary"}
+    # Without CONFIG, eval uses the config stored in model_final.json: the same outputs.
+    stored_out, stored_results = tmp_path / "eval_stored.json", tmp_path / "results_stored.json"
+    written = ["--out", str(stored_out), "--results", str(stored_results)]
+    assert main(["eval", "--checkpoint", weights, *eval_args, *written]) == 0
+    assert stored_out.read_text() == out.read_text()
+    assert stored_results.read_text() == results.read_text()
     # --max-dets 300 also raised the model's detection caps (100 / 300 in the config).
     from instseg.runner import load_trained
 
@@ -176,6 +165,83 @@ def test_train_eval_predict_resume_from_the_command_line(tmp_path, capsys):
     sizes = {im["id"]: (im["height"], im["width"]) for im in images}
     for entry in predicted:
         assert mask_utils.decode(entry["segmentation"]).shape == sizes[entry["image_id"]]
+
+    # Without CONFIG an image as the first positional is an input, like those after the
+    # options; the stored config gives the same predictions and overlays.
+    files = [str(f) for f in sorted((data / "images").iterdir())]
+    stored_pred = tmp_path / "pred_stored"
+    argv = ["predict", files[0], "--checkpoint", weights, *files[1:], "--out", str(stored_pred)]
+    assert main([*argv, "--score-thr", "0.0"]) == 0
+    for name in ("results.json", "images.json", f"{Path(files[0]).stem}_pred.png"):
+        assert (stored_pred / name).read_bytes() == (pred / name).read_bytes()
+    # --set without CONFIG applies to the stored config: a model score threshold in the widest
+    # gap between scores keeps exactly the detections above it (NMS keeps the same ones).
+    scores = sorted({e["score"] for e in predicted})
+    gap = max(range(1, len(scores)), key=lambda i: scores[i] - scores[i - 1])
+    thr = (scores[gap - 1] + scores[gap]) / 2
+    above = tmp_path / "pred_above"
+    argv = ["predict", "--checkpoint", weights, str(data / "images"), "--out", str(above)]
+    assert main([*argv, "--score-thr", "0.0", "--set", f"model.roi_head.score_thr={thr}"]) == 0
+    kept = json.loads((above / "results.json").read_text())
+    assert kept == [e for e in predicted if e["score"] > thr] and 0 < len(kept) < len(predicted)
+    stored = trained_config(None, [], weights)
+    assert stored == load_config(str(work / "config.json"), [])
+    changed = trained_config(None, [f"model.roi_head.score_thr={thr}"], weights)
+    assert changed.model.roi_head.score_thr == thr
+    changed.model.roi_head.score_thr = stored.model.roi_head.score_thr
+    assert changed == stored
+
+    # Weights without their json (or a json without a config): an error naming the json.
+    orphan = tmp_path / "orphan" / "model_final.safetensors"
+    orphan.parent.mkdir()
+    shutil.copy(weights, orphan)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(orphan), *eval_args]) == 2
+    assert f"{orphan.with_suffix('.json')} not found" in capsys.readouterr().err
+    argv = ["predict", files[0], "--checkpoint", str(orphan), "--out", str(tmp_path / "x")]
+    assert main(argv) == 2
+    assert f"{orphan.with_suffix('.json')} not found" in capsys.readouterr().err
+    orphan.with_suffix(".json").write_text(json.dumps({"state": {"categories": [[1, "a"]]}}))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{orphan.with_suffix('.json')} records no config" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_config_is_optional_for_eval_and_predict(tmp_path, capsys):
+    image = tmp_path / "a.png"
+    image.write_bytes(b"")
+    config = tmp_path / "config.json"
+    config.write_text("{}")
+    tail = ["--checkpoint", "w.safetensors", "--out", "o"]
+    zoo = "mask_rcnn_r18_fpn_small"
+    args = parse_args(["eval", "--checkpoint", "w.safetensors", "--ann", "a", "--images", "i"])
+    assert args.config is None
+    # The first positional is CONFIG only if it is a zoo name or an existing .json file.
+    for argv, config_arg, inputs in [
+        ([zoo, *tail, str(image)], zoo, [str(image)]),
+        ([zoo, str(image), *tail], zoo, [str(image)]),
+        ([str(config), *tail, str(image), "b"], str(config), [str(image), "b"]),
+        ([str(image), *tail, "b"], None, [str(image), "b"]),
+        ([*tail, str(image)], None, [str(image)]),
+        (["missing.json", *tail], None, ["missing.json"]),
+    ]:
+        args = parse_args(["predict", *argv])
+        assert (args.config, args.inputs) == (config_arg, inputs), argv
+    for argv in ([zoo, *tail], tail, [str(image), *tail, "--bogus"]):
+        with pytest.raises(SystemExit):
+            parse_args(["predict", *argv])
+    capsys.readouterr()
+    # A positional that is neither a config nor a file is named as a missing input.
+    assert main(["predict", "mask_rcnn_r5O_fpn", *tail]) == 2
+    assert "input not found: mask_rcnn_r5O_fpn (the first positional is CONFIG" in (
+        capsys.readouterr().err
+    )
+    for command in ("eval", "predict"):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args([command, "--help"])
+        assert exit_info.value.code == 0
+        assert "stored with the checkpoint" in " ".join(capsys.readouterr().out.split())
 
 
 def test_cli_errors_are_one_line_and_name_the_problem(tmp_path, capsys):

@@ -287,6 +287,38 @@ def test_sample_seed_makes_augmentation_deterministic(dataset_dir):
     assert a[2] == b[2]
 
 
+def test_transform_gets_plain_values_not_the_dataset(dataset_dir):
+    """The dataset hands its transform the labels and the mask flag, never itself; a direct
+    call with the item's seed gives the item bit for bit."""
+    root, ann = dataset_dir
+    cfg = TransformConfig(scales=((120, 80), (90, 60)), flip_prob=0.5)
+    transform = DetectionTransform(cfg, train=True)
+    calls = []
+
+    def recording(image, record, labels, with_masks, rng):
+        calls.append((record.image_id, labels.tolist(), with_masks))
+        return transform(image, record, labels, with_masks, rng)
+
+    for with_masks in (True, False):
+        ds = CocoDataset(ann, root / "images", transform=recording, with_masks=with_masks)
+        for i, record in enumerate(ds.records):
+            image, targets, info = ds[(i, 11)]
+            labels = ds.labels_of(record)
+            assert calls[-1] == (record.image_id, labels.tolist(), with_masks)
+            raw = read_image(ds.path_of(record))
+            rng = torch.Generator().manual_seed(11)
+            d_image, d_targets, d_info = transform(raw, record, labels, with_masks, rng)
+            assert torch.equal(image, d_image) and info == d_info
+            assert torch.equal(targets.boxes, d_targets.boxes)
+            assert torch.equal(targets.labels, d_targets.labels)
+            if with_masks:
+                assert torch.equal(targets.masks, d_targets.masks)
+            else:
+                assert targets.masks is None
+    with pytest.raises(ValueError, match="labels for"):
+        transform(raw, record, np.append(labels, 0), True, torch.Generator())
+
+
 def test_sampler_groups_orientation_and_is_resumable():
     ratios = [1.5, 0.6, 1.2, 0.7, 1.0, 0.5, 2.0, 1.1, 0.9]
     sampler = GroupedBatchSampler(ratios, batch_size=2, seed=3)
@@ -326,9 +358,9 @@ def test_coco_val6_crowd_is_ignore_region():
     assert sum(len(r.crowd_boxes) for r in ds.records) == 1
     transform = DetectionTransform(TransformConfig(scales=((533, 320),)), train=False)
     for i in range(len(ds)):
-        _, targets, info = transform(
-            read_image(ds.path_of(ds.records[i])), ds.records[i], ds, torch.Generator()
-        )
+        record = ds.records[i]
+        image = read_image(ds.path_of(record))
+        _, targets, info = transform(image, record, ds.labels_of(record), True, torch.Generator())
         assert targets.masks.shape == (len(targets), *info.image_size)
         assert (targets.masks.flatten(1).sum(1) > 0).all()
         assert min(info.image_size) == 320 or max(info.image_size) == 533

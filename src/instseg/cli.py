@@ -12,13 +12,19 @@ from .data import DataError
 from .engine import CheckpointError
 
 
+def names_config(arg: str) -> bool:
+    """True when ``arg`` is a zoo name or an existing ``.json`` file: what CONFIG may be."""
+    path = Path(arg)
+    return arg in ZOO or (path.suffix == ".json" and path.is_file())
+
+
 def load_config(name_or_path: str, overrides: list[str]) -> ExperimentConfig:
     """A zoo name or a JSON config file (as written to ``work_dir/config.json``), then the
     ``--set`` overrides."""
     path = Path(name_or_path)
     if name_or_path in ZOO:
         cfg = get_config(name_or_path)
-    elif path.suffix == ".json" and path.is_file():
+    elif names_config(name_or_path):
         try:
             cfg = from_dict(ExperimentConfig, json.loads(path.read_text()))
         except json.JSONDecodeError as exc:
@@ -29,6 +35,26 @@ def load_config(name_or_path: str, overrides: list[str]) -> ExperimentConfig:
             "nor a .json config file"
         )
     return apply_overrides(cfg, overrides)
+
+
+def trained_config(
+    name_or_path: str | None, overrides: list[str], weights: str
+) -> ExperimentConfig:
+    """The config of eval and predict: CONFIG when named, else the one stored in the checkpoint
+    json beside ``weights``; the ``--set`` overrides apply to either."""
+    if name_or_path is not None:
+        return load_config(name_or_path, overrides)
+    from .runner import checkpoint_config
+
+    return apply_overrides(checkpoint_config(weights), overrides)
+
+
+def config_and_inputs(positionals: list[str]) -> tuple[str | None, list[str]]:
+    """Split predict's positionals: the first is CONFIG only if it is a zoo name or an
+    existing .json file (:func:`names_config`); otherwise all of them are inputs."""
+    if positionals and names_config(positionals[0]):
+        return positionals[0], positionals[1:]
+    return None, positionals
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -55,7 +81,7 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from .runner import run_eval
 
-    cfg = load_config(args.config, args.set)
+    cfg = trained_config(args.config, args.set, args.checkpoint)
     run_eval(
         args.checkpoint,
         args.ann,
@@ -72,7 +98,13 @@ def _eval(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from .runner import run_predict
 
-    cfg = load_config(args.config, args.set)
+    missing = [item for item in args.inputs if not Path(item).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"input not found: {missing[0]} (the first positional is CONFIG only if it is a "
+            "zoo name or an existing .json file)"
+        )
+    cfg = trained_config(args.config, args.set, args.checkpoint)
     path = run_predict(args.checkpoint, args.inputs, args.out, args.score_thr, cfg, args.device)
     print(f"wrote {path} and overlays to {args.out}")
     return 0
@@ -124,8 +156,11 @@ def _ops_demo(work_dir: Path, seed: int) -> int:
     return 0
 
 
+CONFIG_HELP = "a zoo config name (`instseg configs`) or a .json config"
+STORED_CONFIG = "default: the config stored with the checkpoint, in the .json beside it"
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="a zoo config name (`instseg configs`) or a .json config")
     parser.add_argument(
         "--set",
         nargs="+",
@@ -143,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = sub.add_parser("train", help="train a model", description="Train a detector.")
+    train.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
     _common(train)
     train.add_argument("--work-dir", help="output folder (default: work_dirs/<config name>)")
     train.add_argument("--train-ann", help="COCO-format training annotations json")
@@ -162,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="COCO evaluation of a checkpoint: box AP, plus mask AP and Boundary AP "
         "(rows 'segm' and 'boundary') for models that predict masks.",
     )
+    evaluate.add_argument(
+        "config", nargs="?", metavar="CONFIG", help=f"{CONFIG_HELP} ({STORED_CONFIG})"
+    )
     _common(evaluate)
     evaluate.add_argument("--checkpoint", required=True, help="a .safetensors weights file")
     evaluate.add_argument("--ann", required=True, help="COCO-format annotations json")
@@ -172,14 +211,34 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=_eval)
 
     predict = sub.add_parser(
-        "predict", help="predict on images", description="Predict on images or folders."
+        "predict",
+        help="predict on images",
+        usage="%(prog)s [CONFIG] INPUT... --checkpoint PATH --out DIR [--score-thr T] "
+        "[--set KEY=VALUE ...] [--device DEVICE]",
+        description="Predict on images or folders. The first positional is CONFIG only if it "
+        "is a zoo name or an existing .json file; otherwise every positional is an INPUT and "
+        "the config is the one stored with the checkpoint.",
     )
-    _common(predict)
-    predict.add_argument("--checkpoint", required=True, help="a .safetensors weights file")
-    predict.add_argument("inputs", nargs="+", metavar="INPUT", help="images or folders")
-    predict.add_argument("--out", required=True, help="output folder")
     predict.add_argument(
-        "--score-thr", type=float, default=0.3, help="minimum score (default: %(default)s)"
+        "config",
+        nargs="?",
+        metavar="CONFIG",
+        help="a zoo config name (`instseg configs`) or an existing .json config; a first "
+        f"positional that is neither is an INPUT ({STORED_CONFIG})",
+    )
+    # nargs="*": main() adds INPUTs given after options and requires at least one.
+    predict.add_argument("inputs", nargs="*", metavar="INPUT", help="images or folders")
+    _common(predict)
+    predict.add_argument(
+        "--checkpoint", required=True, metavar="PATH", help="a .safetensors weights file"
+    )
+    predict.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    predict.add_argument(
+        "--score-thr",
+        type=float,
+        default=0.3,
+        metavar="T",
+        help="minimum score (default: %(default)s)",
     )
     predict.set_defaults(func=_predict)
 
@@ -205,8 +264,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; predict's positionals are split by :func:`config_and_inputs`
+    into ``config`` (None: the checkpoint's) and ``inputs``."""
+    parser = build_parser()
+    # argparse fills each positional from one run of arguments between options, so predict's
+    # INPUTs after an option (`predict CONFIG --checkpoint W IMAGE`) come back as extras.
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command != "predict" or any(e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "predict":
+        positionals = [p for p in (args.config, *args.inputs, *extra) if p is not None]
+        args.config, args.inputs = config_and_inputs(positionals)
+        if not args.inputs:
+            parser.error("predict needs at least one INPUT (an image or a folder)")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.func(args)
     except (

@@ -72,6 +72,27 @@ class TrainedModel:
     categories: list[Category]
 
 
+def checkpoint_config(weights: str | Path) -> ExperimentConfig:
+    """The config stored in the checkpoint json next to ``weights`` (``model_final.json``
+    beside ``model_final.safetensors``): what the weights were trained with, so eval and
+    predict need no config file."""
+    weights = Path(weights)
+    meta_path = weights.with_suffix(".json")
+    if not meta_path.is_file():
+        raise FileNotFoundError(
+            f"{meta_path} not found: it records the categories and config the weights "
+            f"{weights.name} were trained with (written by `instseg train`)"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{meta_path}: malformed json ({exc})") from exc
+    state = meta.get("state") if isinstance(meta, dict) else None
+    if not isinstance(state, dict) or "config" not in state:
+        raise DataError(f"{meta_path} records no config: name one (a zoo name or a .json file)")
+    return from_dict(ExperimentConfig, state["config"])
+
+
 def load_trained(
     weights: str | Path, cfg: ExperimentConfig | None = None, max_dets: int | None = None
 ) -> TrainedModel:
@@ -79,6 +100,8 @@ def load_trained(
     json. ``cfg``, when given, replaces the stored config (e.g. to change test settings);
     the detection cap is raised to ``max_dets`` (default: the config's ``eval.max_dets``)."""
     weights = Path(weights)
+    if cfg is None:
+        cfg = checkpoint_config(weights)
     meta_path = weights.with_suffix(".json")
     if not meta_path.is_file():
         raise FileNotFoundError(
@@ -89,8 +112,6 @@ def load_trained(
     if "categories" not in state:
         raise DataError(f"{meta_path} records no categories")
     categories = [Category(int(i), str(n)) for i, n in state["categories"]]
-    if cfg is None:
-        cfg = from_dict(ExperimentConfig, state["config"])
     cfg = with_detection_cap(cfg, max_dets or cfg.eval.max_dets)
     model = build_model(cfg, len(categories))
     load_weights_only(weights, model)

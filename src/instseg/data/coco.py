@@ -264,8 +264,11 @@ class CocoDataset(torch.utils.data.Dataset):
     ``categories`` fixes the model's classes (label ``i`` is ``categories[i]``); by default
     they are the json's categories sorted by id. A json whose categories are not all among
     them is an error (``DataError``), so a checkpoint never silently mislabels another dataset.
-    Items are produced by ``transform(image, record, masks_wanted, rng)``; see
-    :mod:`instseg.data.transforms`.
+    An item is ``(image, record)``, or with a transform
+    ``transform(image, record, labels, with_masks, rng)``: ``labels`` are the record's
+    contiguous class indices (:meth:`labels_of`) and ``rng`` a generator seeded by the item's
+    seed, so the transform gets plain values and never calls back into the dataset (see
+    :mod:`instseg.data.transforms`).
     """
 
     def __init__(
@@ -320,6 +323,7 @@ class CocoDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def labels_of(self, record: ImageRecord) -> np.ndarray:
+        """The record's category ids as the model's contiguous class indices."""
         return np.asarray([self.label_of[c] for c in record.category_ids.tolist()], np.int64)
 
     def __getitem__(self, item: int | tuple[int, int]):
@@ -328,4 +332,5 @@ class CocoDataset(torch.utils.data.Dataset):
         image = read_image(self.path_of(record), (record.height, record.width))
         if self.transform is None:
             return image, record
-        return self.transform(image, record, self, torch.Generator().manual_seed(seed))
+        rng = torch.Generator().manual_seed(seed)
+        return self.transform(image, record, self.labels_of(record), self.with_masks, rng)

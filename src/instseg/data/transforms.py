@@ -9,7 +9,6 @@ first scale, no flip. Padding to a multiple of ``size_divisor`` happens when bat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -88,8 +87,24 @@ class DetectionTransform:
         return (tensor - self.mean) / self.std
 
     def __call__(
-        self, image: np.ndarray, record: ImageRecord, dataset: Any, rng: torch.Generator
+        self,
+        image: np.ndarray,
+        record: ImageRecord,
+        labels: np.ndarray,
+        with_masks: bool,
+        rng: torch.Generator,
     ) -> tuple[Tensor, InstanceTargets, ImageInfo]:
+        """Resize (and, when training, flip) ``image`` and the record's targets.
+
+        ``labels`` are the record's contiguous class indices (one per box) and ``with_masks``
+        says whether to rasterise its segmentations: plain values, so that the transform
+        never reaches back into the dataset. ``rng`` draws the scale, then the flip (training
+        only: the test path draws nothing).
+        """
+        if len(labels) != len(record.boxes):
+            raise ValueError(
+                f"image {record.image_id}: {len(labels)} labels for {len(record.boxes)} boxes"
+            )
         height, width = record.height, record.width
         if self.train and len(self.cfg.scales) > 1:
             choice = int(torch.randint(len(self.cfg.scales), (1,), generator=rng))
@@ -104,7 +119,7 @@ class DetectionTransform:
         boxes = torch.from_numpy(record.boxes) * scale
         ignore = torch.from_numpy(record.crowd_boxes) * scale
         masks = None
-        if dataset.with_masks:
+        if with_masks:
             masks = decode_masks(record.segmentations, height, width, (new_h, new_w))
         if flip:
             boxes = torch.stack(
@@ -119,7 +134,7 @@ class DetectionTransform:
         boxes = torch.minimum(boxes.clamp(min=0), limits)
         targets = InstanceTargets(
             boxes=boxes.float(),
-            labels=torch.from_numpy(dataset.labels_of(record)),
+            labels=torch.from_numpy(labels),
             masks=masks,
             ignore_boxes=ignore.float(),
         )
