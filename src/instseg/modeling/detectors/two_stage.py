@@ -39,8 +39,10 @@ class TwoStageDetector(nn.Module):
     def features(self, images: ImageBatch) -> list[Tensor]:
         return self.neck(self.backbone(images.tensor))
 
-    def forward(self, images: ImageBatch, targets: list[InstanceTargets]) -> dict[str, Tensor]:
-        """Training losses for a batch."""
+    def forward(
+        self, images: ImageBatch, targets: list[InstanceTargets], context: object = None
+    ) -> dict[str, Tensor]:
+        """Training losses for a batch (``context``: the trainer's iteration, unused here)."""
         feats = self.features(images)
         logits, deltas = self.rpn_head(feats)
         sizes = [tuple(f.shape[-2:]) for f in feats]
