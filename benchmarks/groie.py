@@ -26,7 +26,13 @@ from dataclasses import asdict, dataclass
 import torch
 
 from _timing import median_seconds
-from instseg.modeling.roi import GRoIEConfig, RoIExtractorConfig, build_roi_extractor
+from instseg.modeling.features import pyramid_specs
+from instseg.modeling.roi import (
+    GRoIEConfig,
+    RoIExtractorChoice,
+    RoIExtractorConfig,
+    build_roi_extractor,
+)
 
 STRIDES = (4, 8, 16, 32)
 IMAGE_H, IMAGE_W = 800, 1088
@@ -56,17 +62,12 @@ def make_rois(n: int, gen: torch.Generator) -> torch.Tensor:
     return torch.stack([batch, x1, y1, x1 + w, y1 + h], 1)
 
 
-def extractors(size: int) -> dict[str, RoIExtractorConfig]:
-    def groie(pre: str, post: str) -> RoIExtractorConfig:
-        return RoIExtractorConfig(
-            size, sampling_ratio=2, kind="generic", groie=GRoIEConfig(pre=pre, post=post)
-        )
-
+def extractors() -> dict[str, RoIExtractorChoice]:
     return {
-        "single": RoIExtractorConfig(size, sampling_ratio=0),
-        "groie-pool": groie("none", "none"),
-        "groie-pre": groie("conv", "none"),
-        "groie": groie("conv", "attention"),
+        "single": RoIExtractorConfig(sampling_ratio=0),
+        "groie-pool": GRoIEConfig(pre="none", post="none"),
+        "groie-pre": GRoIEConfig(pre="conv", post="none"),
+        "groie": GRoIEConfig(pre="conv", post="attention"),
     }
 
 
@@ -88,19 +89,22 @@ def saved_bytes(fn, exclude: list[torch.Tensor]) -> int:
 
 def bench(device: torch.device, num_rois: int, repeat: int) -> list[Row]:
     gen = torch.Generator().manual_seed(0)
-    feats = [
-        torch.randn(2, CHANNELS, IMAGE_H // s, IMAGE_W // s, generator=gen).to(device)
-        for s in STRIDES
-    ]
-    for f in feats:
+    specs = pyramid_specs(CHANNELS, STRIDES)
+    feats = {
+        spec.name: torch.randn(
+            2, CHANNELS, IMAGE_H // spec.stride, IMAGE_W // spec.stride, generator=gen
+        ).to(device)
+        for spec in specs
+    }
+    for f in feats.values():
         f.requires_grad_(True)
     rois = make_rois(num_rois, gen).to(device)
     rows: list[Row] = []
     for size in (7, 14):
         base_ms = base_saved = None
-        for name, cfg in extractors(size).items():
+        for name, cfg in extractors().items():
             torch.manual_seed(0)
-            module = build_roi_extractor(cfg, CHANNELS).to(device)
+            module = build_roi_extractor(cfg, specs, size).to(device)
             for p in module.parameters():  # a trained-like gamma, so attention is not skipped
                 p.data.normal_(0, 0.02)
             grad = torch.randn(num_rois, module.out_channels, size, size, device=device)
@@ -110,12 +114,12 @@ def bench(device: torch.device, num_rois: int, repeat: int) -> list[Row]:
 
             def step(module=module, grad=grad) -> None:
                 module.zero_grad(set_to_none=True)
-                for f in feats:
+                for f in feats.values():
                     f.grad = None
                 forward(module).backward(grad)
 
             seconds = median_seconds(step, device, repeat)
-            saved = saved_bytes(forward, [*feats, *module.parameters()])
+            saved = saved_bytes(forward, [*feats.values(), *module.parameters()])
             peak = None
             if device.type == "cuda":
                 torch.cuda.synchronize()

@@ -45,16 +45,9 @@ NUM_CLASSES = 3
 NARROW = [
     "model.backbone.base_width=8",
     "model.neck.out_channels=16",
-    "model.rpn.in_channels=16",
-    "model.rpn.feat_channels=16",
-    "model.roi_head.box_head.in_channels=16",
     "model.roi_head.box_head.fc_channels=32",
-    "model.roi_head.mask_head.in_channels=16",
-    "model.roi_head.mask_head.conv_channels=16",
-    "model.roi_head.refine_mask.in_channels=16",
-    "model.roi_head.refine_mask.semantic_in_channels=16",
-    "model.roi_head.refine_mask.conv_channels=32",
 ]
+REFINE_NARROW = [*NARROW, "model.roi_head.mask_head.conv_channels=32"]
 PRROI = [
     "model.roi_head.box_extractor.op=prroi_pool",
     "model.roi_head.mask_extractor.op=prroi_pool",
@@ -68,7 +61,7 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "mask_small_prroi": ("mask_rcnn_r18_fpn_small", [*TEST, *PRROI]),
     "groie_small": ("mask_rcnn_r18_fpn_groie_small", TEST),
     "refinemask_small": ("refinemask_r18_fpn_small", TEST),
-    "faster_better_r50": ("refinemask_r50_fpn_faster_better_1x_coco", [*NARROW, *TEST]),
+    "faster_better_r50": ("refinemask_r50_fpn_faster_better_1x_coco", [*REFINE_NARROW, *TEST]),
     "gcnet_groie_r50": (
         "mask_rcnn_r50_fpn_syncbn-backbone_r4_gcb_c3-c5_groie_1x_coco",
         [*NARROW, *TEST],

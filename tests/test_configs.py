@@ -27,8 +27,9 @@ def test_every_zoo_config_builds_and_round_trips_through_json():
     for name in ZOO:
         cfg = get_config(name)
         assert cfg.name == name and cfg.description
-        assert cfg.model.roi_head.with_mask == name.startswith(("mask", "refinemask"))
-        assert (cfg.model.roi_head.mask_head_kind == "refinemask") == name.startswith("refinemask")
+        assert cfg.model.with_masks == name.startswith(("mask", "refinemask"))
+        mask_head = cfg.model.roi_head.mask_head
+        assert (getattr(mask_head, "kind", None) == "refinemask") == name.startswith("refinemask")
         rebuilt = from_dict(ExperimentConfig, json.loads(json.dumps(to_dict(cfg))))
         assert rebuilt == cfg
 
@@ -38,13 +39,13 @@ def test_refinemask_recipe_matches_spec():
     cfg = get_config("refinemask_r50_fpn_1x_coco")
     base = get_config("mask_rcnn_r50_fpn_1x_coco")
     roi = cfg.model.roi_head
-    assert roi.mask_head_kind == "refinemask"
-    assert roi.loss_cls_weight == 2.0 and roi.loss_bbox_weight == 2.0
+    assert roi.mask_head.kind == "refinemask"
+    assert roi.box_head.loss_cls_weight == 2.0 and roi.box_head.loss_bbox_weight == 2.0
     assert cfg.train.schedule.grad_clip == 35.0 and base.train.schedule.grad_clip is None
-    head = roi.refine_mask
+    head = roi.mask_head
     assert head.variant == "refinemask" and head.conv_channels == 256
     assert (head.num_convs_instance, head.num_convs_semantic) == (2, 4)
-    assert head.dilations == (1, 3, 5) and head.semantic_stride == 4 and head.mask_use_sigmoid
+    assert head.dilations == (1, 3, 5) and head.semantic_level == "p2" and head.mask_use_sigmoid
     assert head.stage_sizes == (14, 28, 56, 112) and not head.class_agnostic_last_stage
     assert head.stage_loss_weights == (0.25, 0.5, 0.75, 1.0) and head.semantic_loss_weight == 1.0
     assert head.boundary_width == 2 and head.start_stage == 1 and head.test_chunk_size == 100
@@ -53,7 +54,7 @@ def test_refinemask_recipe_matches_spec():
     twice = get_config("refinemask_r50_fpn_2x_coco").train
     assert twice.max_iters == 177430 and twice.schedule.steps == (118287, 162645)  # 24, [16, 22]
     assert get_config("refinemask_r101_fpn_1x_coco").model.backbone.depth == 101
-    fast = get_config("refinemask_r50_fpn_faster_better_1x_coco").model.roi_head.refine_mask
+    fast = get_config("refinemask_r50_fpn_faster_better_1x_coco").model.roi_head.mask_head
     assert fast.variant == "faster_better" and fast.class_agnostic_last_stage
     assert fast.stage_loss_weights == (0.5, 0.75, 0.75, 1.0) and not fast.pre_upsample_last_stage
 
@@ -83,7 +84,7 @@ def test_overrides_convert_to_the_declared_types():
             "train.schedule.steps=(10, 20)",
             "data.train_scales=((512, 320), (600, 360))",
             "model.backbone.weights=/tmp/r18.pth",
-            "model.roi_head.with_mask=false",
+            "model.roi_head.mask_head=none",
             "train.schedule.base_lr=0.01",
             "num_classes=5",
         ],
@@ -92,7 +93,7 @@ def test_overrides_convert_to_the_declared_types():
     assert cfg.train.schedule.steps == (10, 20)
     assert cfg.data.train_scales == ((512, 320), (600, 360))
     assert cfg.model.backbone.weights == "/tmp/r18.pth"
-    assert cfg.model.roi_head.with_mask is False
+    assert cfg.model.roi_head.mask_head is None and not cfg.model.with_masks
     assert cfg.train.schedule.base_lr == 0.01 and cfg.num_classes == 5
     apply_overrides(cfg, ["model.backbone.weights=none", "num_classes=None"])
     assert cfg.model.backbone.weights is None and cfg.num_classes is None
@@ -105,7 +106,17 @@ def test_overrides_convert_to_the_declared_types():
         ("modle.backbone.depth=50", r"unknown key 'modle.backbone.depth'"),
         ("model.backbone.depth=fifty", r"model.backbone.depth: expected int"),
         ("model.backbone.depth=19", r"model.backbone.depth='19'"),
-        ("model.roi_head.with_mask=maybe", r"with_mask: expected true/false"),
+        ("model.roi_head.with_mask=true", r"roi_head has no 'with_mask' \(valid: .*mask_head"),
+        (
+            "model.roi_head.mask_head=maybe",
+            r"mask_head: unknown choice 'maybe'; allowed: fcn, refinemask, none",
+        ),
+        (
+            "model.roi_head.box_extractor=x",
+            r"box_extractor: unknown choice 'x'; allowed: single, generic$",
+        ),
+        ("model.roi_head.mask_head.stage_sizes=(7,14)", r"mask_head has no 'stage_sizes'"),
+        ("model.rpn.in_channels=16", r"rpn has no 'in_channels'"),
         ("train.schedule.steps=(1, x)", r"train.schedule.steps: expected a tuple"),
         ("model.backbone", r"must look like key=value"),
         ("model.backbone.depth.x=1", r"not a section"),

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 from instseg.configs import apply_overrides, get_config
 from instseg.layers import ConvModule, ConvModuleConfig, GeneralizedAttention
+from instseg.modeling.features import pyramid_specs
 from instseg.modeling.roi import (
     GenericRoIExtractor,
     GRoIEConfig,
-    RoIExtractorConfig,
     StandardRoIHead,
     build_roi_extractor,
 )
@@ -199,13 +199,23 @@ def test_attention_rejects_bad_settings():
 # --------------------------------------------------------------------------------------------
 
 
-def _groie(size: int = 7, **kwargs) -> RoIExtractorConfig:
-    return RoIExtractorConfig(size, sampling_ratio=2, kind="generic", **kwargs)
+def _groie(size: int = 7, groie: GRoIEConfig | None = None, **kwargs) -> tuple[GRoIEConfig, int]:
+    """A GRoIE config (official defaults unless given) and the size its head would ask for."""
+    cfg = groie or GRoIEConfig()
+    for key, value in kwargs.items():
+        setattr(cfg, key, value)
+    return cfg, size
+
+
+def _build(cfg_and_size: tuple[GRoIEConfig, int], channels: int):
+    """The extractor over a P2-P6 pyramid of ``channels`` channels."""
+    cfg, size = cfg_and_size
+    return build_roi_extractor(cfg, pyramid_specs(channels), size)
 
 
 def test_parameter_counts_and_names_match_spec():
     """Spec §2.3: pre 1,638,656 and post 258,305 parameters, with mmdet/mmcv names."""
-    extractor = build_roi_extractor(_groie(7), 256)
+    extractor = _build(_groie(7), 256)
     assert isinstance(extractor, GenericRoIExtractor)
     pre = sum(p.numel() for p in extractor.pre_module.parameters())
     post = sum(p.numel() for p in extractor.post_module.parameters())
@@ -243,12 +253,15 @@ def test_all_attention_names_are_mmcvs():
     }
 
 
-def _feats(channels: int = 8, batch: int = 2, seed: int = 0) -> list[torch.Tensor]:
+def _feats(channels: int = 8, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """P2-P6 of a 64x64 image."""
     gen = torch.Generator().manual_seed(seed)
-    return [
-        torch.randn(batch, channels, 64 // s, 64 // s, generator=gen, dtype=torch.float64)
-        for s in (4, 8, 16, 32, 64)
-    ]
+    return {
+        f"p{i + 2}": torch.randn(
+            batch, channels, 64 // s, 64 // s, generator=gen, dtype=torch.float64
+        )
+        for i, s in enumerate((4, 8, 16, 32, 64))
+    }
 
 
 def _rois(k: int = 5, seed: int = 1) -> torch.Tensor:
@@ -263,7 +276,7 @@ def _composed(extractor, feats, rois, aggregation):
     """Pool every level (RoIAlign, sampling 2), conv5x5 + ReLU each, aggregate, attend."""
     conv = extractor.pre_module.conv
     levels = []
-    for feat, stride in zip(feats[:4], (4, 8, 16, 32), strict=True):
+    for feat, stride in zip(list(feats.values())[:4], (4, 8, 16, 32), strict=True):
         pooled = roi_align(feat, rois, 7, 1.0 / stride, 2, True)
         levels.append(F.relu(F.conv2d(pooled, conv.weight, conv.bias, padding=2)))
     out = sum(levels) if aggregation == "sum" else torch.cat(levels, 1)
@@ -273,8 +286,8 @@ def _composed(extractor, feats, rois, aggregation):
 @pytest.mark.parametrize("aggregation", ["sum", "concat"])
 def test_extractor_equals_composition_of_its_parts(aggregation):
     cfg = _groie(groie=GRoIEConfig(aggregation=aggregation))
-    cfg.groie.attention.num_heads = 2
-    extractor = build_roi_extractor(cfg, 8).double()
+    cfg[0].attention.num_heads = 2
+    extractor = _build(cfg, 8).double()
     _randomise(extractor, seed=2)
     feats, rois = _feats(), _rois()
     out = extractor(feats, rois)
@@ -286,11 +299,11 @@ def test_extractor_equals_composition_of_its_parts(aggregation):
 
 def test_concat_puts_each_level_in_its_own_slot():
     cfg = _groie(groie=GRoIEConfig(aggregation="concat", post="none"))
-    extractor = build_roi_extractor(cfg, 8).double()
+    extractor = _build(cfg, 8).double()
     feats, rois = _feats(), _rois()
     out = extractor(feats, rois)
     for level, stride in enumerate((4, 8, 16, 32)):
-        pooled = roi_align(feats[level], rois, 7, 1.0 / stride, 2, True)
+        pooled = roi_align(feats[f"p{level + 2}"], rois, 7, 1.0 / stride, 2, True)
         expected = extractor.pre_module(pooled)
         assert torch.allclose(out[:, 8 * level : 8 * (level + 1)], expected, atol=1e-12)
 
@@ -298,30 +311,30 @@ def test_concat_puts_each_level_in_its_own_slot():
 def test_concat_needs_a_width_keeping_pre_module():
     cfg = _groie(groie=GRoIEConfig(aggregation="concat", pre_conv=ConvModuleConfig(16, 5)))
     with pytest.raises(ValueError, match=r"pre_conv\.out_channels"):
-        build_roi_extractor(cfg, 8)
+        _build(cfg, 8)
 
 
 def test_sum_with_a_widening_pre_module_reports_its_width():
     cfg = _groie(groie=GRoIEConfig(pre_conv=ConvModuleConfig(16, 5), post="none"))
-    extractor = build_roi_extractor(cfg, 8).double()
+    extractor = _build(cfg, 8).double()
     assert extractor.out_channels == 16
     assert extractor(_feats(seed=3), _rois()).shape == (5, 16, 7, 7)
 
 
 def test_single_level_is_only_pooled_and_empty_rois_give_zeros():
-    cfg = _groie(14, strides=(8,))
-    extractor = build_roi_extractor(cfg, 8).double()
+    cfg = _groie(14, levels=("p3",))
+    extractor = _build(cfg, 8).double()
     _randomise(extractor)
     feats, rois = _feats(), _rois()
-    expected = roi_align(feats[0], rois, 14, 1 / 8, 2, True)
-    assert torch.equal(extractor(feats[:1], rois), expected)
-    full = build_roi_extractor(_groie(14), 8).double()
+    expected = roi_align(feats["p3"], rois, 14, 1 / 8, 2, True)
+    assert torch.equal(extractor(feats, rois), expected)
+    full = _build(_groie(14), 8).double()
     empty = full(feats, rois[:0])
     assert empty.shape == (0, 8, 14, 14)
 
 
 def test_roi_scale_factor_pools_the_enlarged_rois():
-    extractor = build_roi_extractor(_groie(7), 8).double()
+    extractor = _build(_groie(7), 8).double()
     _randomise(extractor, seed=4)
     feats, rois = _feats(), _rois()
     cx, cy = (rois[:, 1] + rois[:, 3]) / 2, (rois[:, 2] + rois[:, 4]) / 2
@@ -332,32 +345,34 @@ def test_roi_scale_factor_pools_the_enlarged_rois():
 
 def test_prroi_pool_op_and_non_local_post_module_run():
     cfg = _groie(groie=GRoIEConfig(post="non_local"), op="prroi_pool")
-    extractor = build_roi_extractor(cfg, 8)
-    feats = [f.float().requires_grad_() for f in _feats()]
+    extractor = _build(cfg, 8)
+    feats = {k: f.float().requires_grad_() for k, f in _feats().items()}
     out = extractor(feats, _rois().float())
     out.sum().backward()
-    assert out.shape == (5, 8, 7, 7) and feats[0].grad is not None
+    assert out.shape == (5, 8, 7, 7) and feats["p2"].grad is not None
 
 
 def test_pre_module_is_a_bias_relu_conv_without_inplace():
-    pre = build_roi_extractor(_groie(), 8).pre_module
+    pre = _build(_groie(), 8).pre_module
     assert isinstance(pre, ConvModule) and pre.norm is None and pre.conv.bias is not None
     assert isinstance(pre.activate, torch.nn.ReLU) and not pre.activate.inplace
 
 
-def test_roi_head_extractors_own_their_modules_and_check_widths():
-    cfg = RoIHeadConfig(num_classes=3, box_extractor=_groie(7), mask_extractor=_groie(14))
-    cfg.box_head.in_channels = cfg.mask_head.in_channels = 8
-    cfg.box_head.fc_channels, cfg.mask_head.conv_channels = 16, 8
-    cfg.box_extractor.groie.attention.num_heads = 2
-    cfg.mask_extractor.groie.attention.num_heads = 2
-    head = StandardRoIHead(cfg, in_channels=8)
+def test_roi_head_extractors_own_their_modules_and_set_head_widths():
+    cfg = RoIHeadConfig(box_extractor=GRoIEConfig(), mask_extractor=GRoIEConfig())
+    cfg.box_head.fc_channels = 16
+    cfg.box_extractor.attention.num_heads = 2
+    cfg.mask_extractor.attention.num_heads = 2
+    head = StandardRoIHead(cfg, pyramid_specs(8), num_classes=3)
     box_ids = {id(p) for p in head.bbox_roi_extractor.parameters()}
     mask_ids = {id(p) for p in head.mask_roi_extractor.parameters()}
     assert box_ids and mask_ids and not box_ids & mask_ids
-    cfg.box_extractor.groie.aggregation = "concat"
-    with pytest.raises(ValueError, match=r"box_head\.in_channels"):
-        StandardRoIHead(cfg, in_channels=8)
+    # Each extractor pools at its head's size; the heads take the extractors' widths.
+    assert (head.bbox_roi_extractor.output_size, head.mask_roi_extractor.output_size) == (7, 14)
+    assert head.mask_head.convs[0].conv.in_channels == 8
+    cfg.box_extractor.aggregation = "concat"  # 4 levels x 8 channels
+    head = StandardRoIHead(cfg, pyramid_specs(8), num_classes=3)
+    assert head.bbox_head.shared_fcs[0].in_features == 4 * 8 * 7 * 7
 
 
 @pytest.mark.parametrize("attention_type", ["0100", "0001", "0101", "0000"])

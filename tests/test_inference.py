@@ -66,7 +66,7 @@ def test_tiny_detector_trains_and_evaluates_on_shapes(tmp_path):
     transform = DetectionTransform(TransformConfig(scales=((160, 96),)), train=True)
     dataset = CocoDataset(ann, tmp_path, transform)
     torch.manual_seed(0)
-    model = TwoStageDetector(tiny_config(num_classes=len(dataset.categories)))
+    model = TwoStageDetector(tiny_config(), num_classes=len(dataset.categories))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     from instseg.data import build_loader
 

@@ -11,10 +11,11 @@ from instseg.modeling.anchors import AnchorGenerator, AssignerConfig, assign, sa
 from instseg.modeling.backbone import ResNetConfig
 from instseg.modeling.dense_heads import RPNConfig
 from instseg.modeling.detectors import TwoStageConfig, TwoStageDetector
+from instseg.modeling.features import pyramid_specs
 from instseg.modeling.neck import FPNConfig
 from instseg.modeling.roi import (
     BoxHeadConfig,
-    MaskHeadConfig,
+    FCNMaskHeadConfig,
     RoIExtractorConfig,
     RoIHeadConfig,
     SingleRoIExtractor,
@@ -115,42 +116,38 @@ def test_level_mapping_thresholds():
 @pytest.mark.parametrize("op", ["roi_align", "prroi_pool"])
 def test_extractor_pools_each_roi_from_its_level(op):
     g = torch.Generator().manual_seed(1)
-    feats = [torch.randn(2, 4, 64 // s, 64 // s, generator=g) for s in (1, 2, 4, 8)]
-    cfg = RoIExtractorConfig(output_size=3, op=op, strides=(4, 8, 16, 32))
+    specs = pyramid_specs(4, (4, 8, 16, 32))
+    feats = {
+        s.name: torch.randn(2, 4, 256 // s.stride, 256 // s.stride, generator=g) for s in specs
+    }
+    cfg = RoIExtractorConfig(op=op)
     rois = torch.tensor([[0, 0.0, 0, 50, 50], [1, 10, 10, 200, 150], [0, 0, 0, 400, 300]])
-    out = SingleRoIExtractor(cfg)(feats, rois)
+    out = SingleRoIExtractor(cfg, specs, 3)(feats, rois)
     for k, level in enumerate(map_roi_levels(rois, 4).tolist()):
-        expected = SingleRoIExtractor(RoIExtractorConfig(3, op, strides=(cfg.strides[level],)))(
-            [feats[level]], rois[k : k + 1]
-        )
+        one = RoIExtractorConfig(op=op, levels=(specs[level].name,))
+        expected = SingleRoIExtractor(one, specs, 3)(feats, rois[k : k + 1])
         torch.testing.assert_close(out[k : k + 1], expected)
     if op == "roi_align":
-        direct = roi_align(feats[0], rois[:1], 3, 0.25, 0, True)
+        direct = roi_align(feats["p2"], rois[:1], 3, 0.25, 0, True)
         torch.testing.assert_close(out[:1], direct)
 
 
-def tiny_config(
-    num_classes: int = 3, with_mask: bool = True, op: str = "roi_align"
-) -> TwoStageConfig:
-    channels = 32
+def tiny_config(with_mask: bool = True, op: str = "roi_align") -> TwoStageConfig:
+    """A narrow Mask (or Faster) R-CNN; every width follows the neck's 32 channels."""
     return TwoStageConfig(
         backbone=ResNetConfig(depth=18, base_width=8, frozen_stages=-1, norm_eval=False),
-        neck=FPNConfig(out_channels=channels),
+        neck=FPNConfig(out_channels=32),
         rpn=RPNConfig(
-            in_channels=channels,
-            feat_channels=channels,
             train_nms_pre=300,
             train_max_per_image=200,
             test_nms_pre=300,
             test_max_per_image=100,
         ),
         roi_head=RoIHeadConfig(
-            num_classes=num_classes,
-            with_mask=with_mask,
-            box_extractor=RoIExtractorConfig(7, op=op),
-            mask_extractor=RoIExtractorConfig(14, op=op),
-            box_head=BoxHeadConfig(in_channels=channels, fc_channels=64),
-            mask_head=MaskHeadConfig(in_channels=channels, conv_channels=channels, num_convs=2),
+            box_extractor=RoIExtractorConfig(op=op),
+            mask_extractor=RoIExtractorConfig(op=op),
+            box_head=BoxHeadConfig(fc_channels=64),
+            mask_head=FCNMaskHeadConfig(num_convs=2) if with_mask else None,
         ),
     )
 
@@ -179,7 +176,7 @@ def toy_batch():
 )
 def test_detector_overfits_a_batch(with_mask, op):
     torch.manual_seed(0)
-    model = TwoStageDetector(tiny_config(with_mask=with_mask, op=op))
+    model = TwoStageDetector(tiny_config(with_mask=with_mask, op=op), num_classes=3)
     images, targets = toy_batch()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     history = []
@@ -199,7 +196,7 @@ def test_detector_overfits_a_batch(with_mask, op):
 
 def test_detector_handles_images_without_objects_and_predicts_in_original_frame():
     torch.manual_seed(0)
-    model = TwoStageDetector(tiny_config())
+    model = TwoStageDetector(tiny_config(), num_classes=3)
     images, targets = toy_batch()
     targets[1] = InstanceTargets(
         torch.zeros(0, 4),

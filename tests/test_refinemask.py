@@ -8,9 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from instseg.configs import ConfigError, apply_overrides, get_config
 from instseg.data.loader import pad_images
 from instseg.modeling.detectors import TwoStageDetector
-from instseg.modeling.roi import RoIHeadConfig
+from instseg.modeling.features import FeatureSpec
+from instseg.modeling.roi import SampledRoIs
 from instseg.modeling.roi.refinemask import (
     RefineMaskHead,
     RefineMaskHeadConfig,
@@ -175,10 +177,8 @@ def test_loss_reaches_every_stage_and_checks_lengths():
 
 
 def _head(variant="refinemask", width=256, classes=80, **kw):
-    cfg = RefineMaskHeadConfig(
-        variant=variant, in_channels=width, semantic_in_channels=width, conv_channels=width, **kw
-    )
-    return RefineMaskHead(cfg, classes)
+    cfg = RefineMaskHeadConfig(variant=variant, conv_channels=width, **kw)
+    return RefineMaskHead(cfg, classes, width, FeatureSpec("p2", width, 4))
 
 
 def _head_inputs(n=3, width=256, p2_size=(24, 32), seed=0, dtype=torch.float32):
@@ -401,17 +401,14 @@ def _refinemask_detector(variant="refinemask", chunk=100, seed=0):
     from test_models import tiny_config
 
     cfg = tiny_config()
-    cfg.roi_head.mask_head_kind = "refinemask"
-    cfg.roi_head.refine_mask = RefineMaskHeadConfig(
+    cfg.roi_head.mask_head = RefineMaskHeadConfig(
         variant=variant,
-        in_channels=32,
-        semantic_in_channels=32,
         conv_channels=32,
         test_chunk_size=chunk,
         class_agnostic_last_stage=variant == "faster_better",
     )
     torch.manual_seed(seed)
-    return TwoStageDetector(cfg)
+    return TwoStageDetector(cfg, num_classes=3)
 
 
 def test_gradients_reach_the_semantic_head_from_both_losses():
@@ -467,8 +464,9 @@ def test_no_positive_rois_still_gives_a_semantic_loss():
     head = model.roi_head
     empty = [torch.zeros(0, 4), torch.zeros(0, 4)]
     gt = [torch.zeros(0, dtype=torch.long)] * 2
+    sampled = SampledRoIs(empty, torch.zeros(0, dtype=torch.long), 3, empty, gt, empty)
     feats = model.features(images)
-    losses = head._mask_losses(feats, empty, gt, torch.zeros(0, dtype=torch.long), targets)
+    losses = head.mask_head.loss(feats, head.mask_roi_extractor, sampled, targets)
     assert losses["loss_mask"].item() == 0.0 and losses["loss_semantic"].item() > 0
     (losses["loss_mask"] + losses["loss_semantic"]).backward()
 
@@ -501,7 +499,7 @@ def test_batch_sizes_1_2_4_and_chunking_give_the_same_outputs(variant):
     images, sizes = _four_images()
 
     def run(group, chunk):
-        model.roi_head.cfg.refine_mask.test_chunk_size = chunk
+        model.roi_head.cfg.mask_head.test_chunk_size = chunk
         batch = pad_images([images[i] for i in group])
         assert batch.tensor.shape[-2:] == (64, 96)
         return model.predict(batch)
@@ -520,30 +518,30 @@ def test_batch_sizes_1_2_4_and_chunking_give_the_same_outputs(variant):
 
 
 def test_config_errors_name_the_key():
-    with pytest.raises(ValueError, match=r"refine_mask\.stage_sizes"):
+    with pytest.raises(ValueError, match=r"mask_head\.stage_sizes"):
         RefineMaskHeadConfig(stage_sizes=(14, 28, 60))
-    with pytest.raises(ValueError, match=r"refine_mask\.stage_loss_weights"):
+    with pytest.raises(ValueError, match=r"mask_head\.stage_loss_weights"):
         RefineMaskHeadConfig(stage_loss_weights=(1.0, 1.0))
-    with pytest.raises(ValueError, match=r"refine_mask\.variant"):
+    with pytest.raises(ValueError, match=r"mask_head\.variant"):
         RefineMaskHeadConfig(variant="fast")
-    with pytest.raises(ValueError, match=r"refine_mask\.conv_channels"):
+    with pytest.raises(ValueError, match=r"mask_head\.conv_channels"):
         RefineMaskHeadConfig(conv_channels=24)
-    with pytest.raises(ValueError, match="mask_head_kind"):
-        RoIHeadConfig(mask_head_kind="pointrend")
-    with pytest.raises(ValueError, match="with_mask"):
-        RoIHeadConfig(mask_head_kind="refinemask", with_mask=False)
+    with pytest.raises(ConfigError, match=r"mask_head: unknown choice 'pointrend'.*fcn"):
+        apply_overrides(
+            get_config("mask_rcnn_r18_fpn_small"), ["model.roi_head.mask_head=pointrend"]
+        )
     from test_models import tiny_config
 
+    # Widths and the first stage's size come from the neck and the head: nothing to match.
     cfg = tiny_config()
-    cfg.roi_head.mask_head_kind = "refinemask"  # refine_mask left at 256 channels
-    with pytest.raises(ValueError, match=r"refine_mask\.in_channels"):
-        TwoStageDetector(cfg)
-    cfg.roi_head.refine_mask = RefineMaskHeadConfig(
-        in_channels=32,
-        semantic_in_channels=32,
-        conv_channels=32,
-        stage_sizes=(7, 14, 28),
-        stage_loss_weights=(1.0, 1.0, 1.0),
+    cfg.roi_head.mask_head = RefineMaskHeadConfig(
+        conv_channels=32, stage_sizes=(7, 14, 28), stage_loss_weights=(1.0, 1.0, 1.0)
     )
-    with pytest.raises(ValueError, match=r"mask_extractor\.output_size"):
-        TwoStageDetector(cfg)
+    head = TwoStageDetector(cfg, num_classes=3).roi_head
+    assert head.mask_roi_extractor.output_size == 7
+    assert head.mask_head.instance_convs[0].conv.in_channels == 32
+    cfg.roi_head.mask_head = RefineMaskHeadConfig(conv_channels=32, semantic_level="p9")
+    with pytest.raises(
+        ValueError, match=r"mask_head\.semantic_level names feature levels \['p9'\]"
+    ):
+        TwoStageDetector(cfg, num_classes=3)

@@ -7,7 +7,14 @@ import json
 import sys
 from pathlib import Path
 
-from .configs import ZOO, ConfigError, ExperimentConfig, apply_overrides, from_dict, get_config
+from .configs import (
+    ZOO,
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    config_from_dict,
+    get_config,
+)
 from .data import DataError
 from .engine import CheckpointError
 
@@ -26,7 +33,7 @@ def load_config(name_or_path: str, overrides: list[str]) -> ExperimentConfig:
         cfg = get_config(name_or_path)
     elif names_config(name_or_path):
         try:
-            cfg = from_dict(ExperimentConfig, json.loads(path.read_text()))
+            cfg = config_from_dict(json.loads(path.read_text()))
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}: malformed json at line {exc.lineno}: {exc.msg}") from exc
     else:

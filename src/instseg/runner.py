@@ -15,24 +15,22 @@ from pathlib import Path
 
 import torch
 
-from .configs import ExperimentConfig, from_dict, to_dict
+from .configs import ExperimentConfig, config_from_dict, to_dict
 from .data import Category, CocoDataset, DetectionTransform, TransformConfig, read_image
 from .data.coco import DataError
 from .data.loader import pad_images
 from .engine import load_weights_only, train
 from .engine.inference import evaluate_model
 from .evaluation import format_table, instances_to_coco_results, write_json, write_results
-from .modeling.detectors import TwoStageDetector
+from .modeling.detectors import Detector
 from .visualize import draw_instances
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def build_model(cfg: ExperimentConfig, num_classes: int) -> TwoStageDetector:
+def build_model(cfg: ExperimentConfig, num_classes: int) -> Detector:
     """The detector of ``cfg`` with ``num_classes`` classes (the config is not modified)."""
-    model_cfg = copy.deepcopy(cfg.model)
-    model_cfg.roi_head.num_classes = num_classes
-    return TwoStageDetector(model_cfg)
+    return copy.deepcopy(cfg.model).build(num_classes)
 
 
 def with_detection_cap(cfg: ExperimentConfig, max_dets: int) -> ExperimentConfig:
@@ -40,10 +38,7 @@ def with_detection_cap(cfg: ExperimentConfig, max_dets: int) -> ExperimentConfig
     per image, so that evaluating with a raised COCO ``maxDets`` can see them. Only test-time
     settings change; the weights are unaffected."""
     cfg = copy.deepcopy(cfg)
-    roi_head, rpn = cfg.model.roi_head, cfg.model.rpn
-    roi_head.max_per_image = max(roi_head.max_per_image, max_dets)
-    rpn.test_max_per_image = max(rpn.test_max_per_image, max_dets)
-    rpn.test_nms_pre = max(rpn.test_nms_pre, max_dets)
+    cfg.model.raise_detection_cap(max_dets)
     return cfg
 
 
@@ -67,16 +62,13 @@ def _train_transform(cfg: ExperimentConfig) -> DetectionTransform:
 class TrainedModel:
     """A model with its config and categories, loaded from a weights file."""
 
-    model: TwoStageDetector
+    model: Detector
     cfg: ExperimentConfig
     categories: list[Category]
 
 
-def checkpoint_config(weights: str | Path) -> ExperimentConfig:
-    """The config stored in the checkpoint json next to ``weights`` (``model_final.json``
-    beside ``model_final.safetensors``): what the weights were trained with, so eval and
-    predict need no config file."""
-    weights = Path(weights)
+def _checkpoint_state(weights: Path) -> tuple[Path, dict]:
+    """The checkpoint json next to ``weights`` and the training state it stores."""
     meta_path = weights.with_suffix(".json")
     if not meta_path.is_file():
         raise FileNotFoundError(
@@ -88,9 +80,19 @@ def checkpoint_config(weights: str | Path) -> ExperimentConfig:
     except json.JSONDecodeError as exc:
         raise DataError(f"{meta_path}: malformed json ({exc})") from exc
     state = meta.get("state") if isinstance(meta, dict) else None
-    if not isinstance(state, dict) or "config" not in state:
+    if not isinstance(state, dict):
+        raise DataError(f"{meta_path}: not an instseg checkpoint json (no 'state')")
+    return meta_path, state
+
+
+def checkpoint_config(weights: str | Path) -> ExperimentConfig:
+    """The config stored in the checkpoint json next to ``weights`` (``model_final.json``
+    beside ``model_final.safetensors``): what the weights were trained with, so eval and
+    predict need no config file. Configs saved in the first format are upgraded."""
+    meta_path, state = _checkpoint_state(Path(weights))
+    if "config" not in state:
         raise DataError(f"{meta_path} records no config: name one (a zoo name or a .json file)")
-    return from_dict(ExperimentConfig, state["config"])
+    return config_from_dict(state["config"])
 
 
 def load_trained(
@@ -102,13 +104,7 @@ def load_trained(
     weights = Path(weights)
     if cfg is None:
         cfg = checkpoint_config(weights)
-    meta_path = weights.with_suffix(".json")
-    if not meta_path.is_file():
-        raise FileNotFoundError(
-            f"{meta_path} not found: it records the categories and config the weights "
-            f"{weights.name} were trained with (written by `instseg train`)"
-        )
-    state = json.loads(meta_path.read_text())["state"]
+    meta_path, state = _checkpoint_state(weights)
     if "categories" not in state:
         raise DataError(f"{meta_path} records no categories")
     categories = [Category(int(i), str(n)) for i, n in state["categories"]]
@@ -136,7 +132,7 @@ def run_train(
         )
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    with_masks = cfg.model.roi_head.with_mask
+    with_masks = cfg.model.with_masks
     dataset = CocoDataset(
         cfg.data.train_ann,
         cfg.data.train_images,
@@ -199,7 +195,7 @@ def run_eval(
         images,
         eval_transform(trained.cfg),
         categories=trained.categories,
-        with_masks=trained.cfg.model.roi_head.with_mask,
+        with_masks=trained.cfg.model.with_masks,
     )
     metrics = evaluate_model(
         trained.model.to(device),

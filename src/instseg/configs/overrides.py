@@ -5,6 +5,12 @@ sets fields in place after converting each value to the field's declared type, a
 the key in every error: an unknown key lists the valid ones at that level, and a value that
 does not convert says which type was expected. The dataclass's own ``__post_init__``
 validation runs again on every object that changed.
+
+Typed variants: a field annotated with dataclasses tagged by a ``kind: Literal[...]`` field
+(``mask_head: FCNMaskHeadConfig | RefineMaskHeadConfig | None``) is chosen by tag:
+``model.roi_head.mask_head=refinemask`` puts that variant's defaults there (``=none``
+removes it where None is allowed), after which its own keys can be set; an unknown tag is
+an error listing the allowed choices. In a dict (a saved config) ``"kind"`` picks it.
 """
 
 from __future__ import annotations
@@ -24,10 +30,64 @@ def _hints(obj: Any) -> dict[str, Any]:
     return typing.get_type_hints(type(obj))
 
 
+def _variants(annotation: Any) -> dict[str, type] | None:
+    """``{tag: class}`` when ``annotation`` is a tagged dataclass or a union of them (None
+    aside); None when it is not."""
+    origin = typing.get_origin(annotation)
+    members = typing.get_args(annotation) if origin in (typing.Union, types.UnionType) else ()
+    members = tuple(m for m in members if m is not type(None)) or (annotation,)
+    tags: dict[str, type] = {}
+    for member in members:
+        if not dataclasses.is_dataclass(member) or not isinstance(member, type):
+            return None
+        kind = typing.get_type_hints(member).get("kind")
+        if typing.get_origin(kind) is not typing.Literal:
+            return None
+        for tag in typing.get_args(kind):
+            tags[tag] = member
+    return tags
+
+
+def _choices(tags: dict[str, type], optional: bool) -> str:
+    return ", ".join([*tags, *(["none"] if optional else [])])
+
+
+def _convert_variant(value: Any, annotation: Any, tags: dict[str, type], key: str) -> Any:
+    """A tagged section: None, an instance, a tag (that variant's defaults) or a dict."""
+    optional = type(None) in typing.get_args(annotation)
+    if optional and (
+        value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+    ):
+        return None
+    if isinstance(value, tuple(tags.values())):
+        return value
+    if isinstance(value, str):
+        if value not in tags:
+            raise ConfigError(
+                f"{key}: unknown choice {value!r}; allowed: {_choices(tags, optional)}"
+            )
+        return tags[value]()
+    if isinstance(value, dict):
+        tag = value.get("kind")
+        if tag is None and len(set(tags.values())) == 1:
+            return from_dict(next(iter(tags.values())), value, key)
+        if tag not in tags:
+            raise ConfigError(f"{key}: 'kind' must be one of {_choices(tags, False)}, got {tag!r}")
+        return from_dict(tags[tag], value, key)
+    raise ConfigError(f"{key}: expected one of {_choices(tags, optional)}, got {value!r}")
+
+
 def _convert(value: Any, annotation: Any, key: str) -> Any:
     """``value`` (a string from the command line, or already typed) as ``annotation``."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
+    tags = _variants(annotation)
+    if tags:
+        return _convert_variant(value, annotation, tags, key)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
         if is_none and type(None) in args:
@@ -107,13 +167,28 @@ def set_value(cfg: Any, dotted: str, value: Any) -> None:
             )
         if i < len(parts) - 1:
             child = getattr(obj, part)
-            if not dataclasses.is_dataclass(child):
+            section = ".".join(parts[: i + 1])
+            if child is None and _variants(_hints(obj)[part]):
+                tags = _variants(_hints(obj)[part]) or {}
                 raise ConfigError(
-                    f"unknown key {dotted!r}: {'.'.join(parts[: i + 1])} is not a section"
+                    f"unknown key {dotted!r}: {section} is none; choose one first "
+                    f"({section}={'|'.join(tags)})"
                 )
+            if not dataclasses.is_dataclass(child):
+                raise ConfigError(f"unknown key {dotted!r}: {section} is not a section")
             chain.append(child)
     owner = chain[-1]
-    converted = _convert(value, _hints(owner)[parts[-1]], dotted)
+    if parts[-1] == "kind" and len(parts) > 1 and _variants(type(owner)):
+        # Switching a tagged section's variant: the same as setting the section's tag.
+        set_value(cfg, ".".join(parts[:-1]), value)
+        return
+    annotation = _hints(owner)[parts[-1]]
+    current = getattr(owner, parts[-1])
+    tags = _variants(annotation) or {}
+    if isinstance(value, str) and getattr(current, "kind", None) == value and value in tags:
+        converted = current  # the variant it already is: keep its settings
+    else:
+        converted = _convert(value, annotation, dotted)
     setattr(owner, parts[-1], converted)
     # Re-run the validation of every section on the path, innermost first.
     for i in range(len(chain) - 1, -1, -1):

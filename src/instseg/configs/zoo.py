@@ -13,7 +13,6 @@ linearly and the iteration counts inversely (the linear scaling rule).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 
 from ..engine import ScheduleConfig, TrainConfig
@@ -22,52 +21,16 @@ from ..modeling.backbone import ResNetConfig
 from ..modeling.dense_heads import RPNConfig
 from ..modeling.detectors import TwoStageConfig
 from ..modeling.neck import FPNConfig
-from ..modeling.roi import BoxHeadConfig, MaskHeadConfig, RefineMaskHeadConfig, RoIHeadConfig
+from ..modeling.roi import (
+    BoxHeadConfig,
+    FCNMaskHeadConfig,
+    GRoIEConfig,
+    RefineMaskHeadConfig,
+    RoIHeadConfig,
+)
+from .schema import DataConfig, EvalConfig, ExperimentConfig
 
 COCO_TRAIN_IMAGES = 118_287
-
-
-@dataclass
-class DataConfig:
-    """Where the data is and how images are sized. Paths may also come from the CLI."""
-
-    train_ann: str | None = None
-    train_images: str | None = None
-    val_ann: str | None = None
-    val_images: str | None = None
-    train_scales: tuple[tuple[int, int], ...] = ((1333, 800),)
-    test_scale: tuple[int, int] = (1333, 800)
-    flip_prob: float = 0.5
-    skip_empty: bool = True
-
-    def __post_init__(self) -> None:
-        if not self.train_scales:
-            raise ValueError("data.train_scales must not be empty")
-        if not 0.0 <= self.flip_prob <= 1.0:
-            raise ValueError(f"data.flip_prob must be in [0, 1], got {self.flip_prob}")
-
-
-@dataclass
-class EvalConfig:
-    max_dets: int = 100
-    batch_size: int = 2
-
-    def __post_init__(self) -> None:
-        if self.max_dets < 10:
-            raise ValueError(f"eval.max_dets must be at least 10, got {self.max_dets}")
-
-
-@dataclass
-class ExperimentConfig:
-    """Everything a run needs. ``num_classes=None`` takes the training set's categories."""
-
-    name: str = "custom"
-    description: str = ""
-    num_classes: int | None = None
-    model: TwoStageConfig = field(default_factory=TwoStageConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_iters=1000))
-    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _epochs_to_iters(epochs: float, batch_size: int, images: int = COCO_TRAIN_IMAGES) -> int:
@@ -84,7 +47,7 @@ def _rcnn_r50_fpn_1x(name: str, description: str, depth: int, with_mask: bool) -
             backbone=ResNetConfig(depth=depth, norm="BN", frozen_stages=1, norm_eval=True),
             neck=FPNConfig(out_channels=256, num_outs=5),
             rpn=RPNConfig(),
-            roi_head=RoIHeadConfig(num_classes=80, with_mask=with_mask),
+            roi_head=RoIHeadConfig(mask_head=FCNMaskHeadConfig() if with_mask else None),
         ),
         data=DataConfig(train_scales=((1333, 800),), test_scale=(1333, 800)),
         train=TrainConfig(
@@ -150,21 +113,18 @@ def _rcnn_r18_fpn_small(name: str, description: str, with_mask: bool) -> Experim
             ),
             neck=FPNConfig(out_channels=channels),
             rpn=RPNConfig(
-                in_channels=channels,
-                feat_channels=channels,
                 train_nms_pre=1000,
                 train_max_per_image=500,
                 test_nms_pre=500,
                 test_max_per_image=300,
             ),
             roi_head=RoIHeadConfig(
-                with_mask=with_mask,
-                box_head=BoxHeadConfig(in_channels=channels, fc_channels=256),
+                box_head=BoxHeadConfig(fc_channels=256),
                 # Two mask convs instead of four and 256 sampled RoIs instead of 512: small
                 # images hold few objects. On the demo data, 600 iterations at short side
                 # 256 reached segm AP 58 with this head; the 4-conv, 512-RoI head reached
                 # 46-47 in a similar CPU time (450-560 iterations).
-                mask_head=MaskHeadConfig(in_channels=channels, conv_channels=channels, num_convs=2),
+                mask_head=FCNMaskHeadConfig(num_convs=2) if with_mask else None,
                 sampler=SamplerConfig(num=256, pos_fraction=0.25),
             ),
         ),
@@ -205,9 +165,7 @@ def mask_rcnn_r18_fpn_small() -> ExperimentConfig:
 def _use_groie(cfg: ExperimentConfig, name: str, description: str) -> ExperimentConfig:
     """``cfg``, renamed, with GRoIE box and mask extractors, each with its own modules."""
     roi_head = cfg.model.roi_head
-    for extractor in (roi_head.box_extractor, roi_head.mask_extractor):
-        extractor.kind = "generic"
-        extractor.sampling_ratio = 2
+    roi_head.box_extractor, roi_head.mask_extractor = GRoIEConfig(), GRoIEConfig()
     cfg.name, cfg.description = name, description
     return cfg
 
@@ -273,10 +231,9 @@ def _use_refinemask(
 ) -> ExperimentConfig:
     """``cfg`` (a Mask R-CNN), renamed, with the RefineMask head and recipe."""
     roi_head = cfg.model.roi_head
-    roi_head.mask_head_kind = "refinemask"
-    roi_head.refine_mask = head
-    roi_head.loss_cls_weight = 2.0
-    roi_head.loss_bbox_weight = 2.0
+    roi_head.mask_head = head
+    roi_head.box_head.loss_cls_weight = 2.0
+    roi_head.box_head.loss_bbox_weight = 2.0
     cfg.train.schedule.grad_clip = 35.0
     cfg.name, cfg.description = name, description
     return cfg
@@ -342,7 +299,7 @@ def refinemask_r18_fpn_small() -> ExperimentConfig:
         mask_rcnn_r18_fpn_small(),
         "refinemask_r18_fpn_small",
         "RefineMask R-18-FPN (half width, from scratch), CPU-sized",
-        RefineMaskHeadConfig(in_channels=64, semantic_in_channels=64, conv_channels=64),
+        RefineMaskHeadConfig(conv_channels=64),
     )
     cfg.train.schedule.grad_clip = 10.0
     return cfg

@@ -1,6 +1,7 @@
 """Region Proposal Network (mmdet ``RPNHead``, the Mask R-CNN R50-FPN 1x recipe, spec §1.5).
 
-A shared 3x3 conv + ReLU over every FPN level, then a 1x1 objectness logit and a 1x1 box
+A shared 3x3 conv + ReLU over every level the neck gives (its widths and strides come from
+the neck's feature specs; anchors of stride s per level), then a 1x1 objectness logit and a 1x1 box
 delta per anchor. Training: MaxIoU assignment (0.7 / 0.3, low-quality matches), 256 random
 samples per image at half positive, sigmoid BCE and L1 on the deltas, both averaged over
 the sampled anchors of the batch. Proposals: per level the top ``nms_pre`` scores, decode,
@@ -18,13 +19,14 @@ from torch import Tensor, nn
 from ...ops import batched_nms, clip_boxes_to_image, decode_deltas, encode_deltas
 from ...structures import InstanceTargets
 from ..anchors import AnchorGenerator, AssignerConfig, assign, sample
+from ..features import Features, FeatureSpec, common_width
 
 
 @dataclass
 class RPNConfig:
-    in_channels: int = 256
-    feat_channels: int = 256
-    strides: tuple[int, ...] = (4, 8, 16, 32, 64)
+    """``feat_channels`` is the width of the shared conv (None: the width of the levels)."""
+
+    feat_channels: int | None = None
     anchor_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
     anchor_scales: tuple[float, ...] = (8.0,)
     assigner: AssignerConfig = field(
@@ -42,9 +44,9 @@ class RPNConfig:
     loss_bbox_weight: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.feat_channels is not None and self.feat_channels <= 0:
+            raise ValueError(f"rpn.feat_channels must be positive, got {self.feat_channels}")
         for name in (
-            "in_channels",
-            "feat_channels",
             "num_samples",
             "train_nms_pre",
             "train_max_per_image",
@@ -58,27 +60,51 @@ class RPNConfig:
 
 
 class RPNHead(nn.Module):
-    def __init__(self, cfg: RPNConfig) -> None:
+    """Objectness and box deltas on every level of ``in_specs`` (one shared conv)."""
+
+    def __init__(self, cfg: RPNConfig, in_specs: list[FeatureSpec]) -> None:
         super().__init__()
         self.cfg = cfg
-        self.anchors = AnchorGenerator(cfg.strides, cfg.anchor_ratios, cfg.anchor_scales)
+        self.levels = [s.name for s in in_specs]
+        in_channels = common_width(in_specs, "the RPN")
+        feat_channels = cfg.feat_channels or in_channels
+        self.anchors = AnchorGenerator(
+            tuple(s.stride for s in in_specs), cfg.anchor_ratios, cfg.anchor_scales
+        )
         a = self.anchors.num_anchors
-        self.rpn_conv = nn.Conv2d(cfg.in_channels, cfg.feat_channels, 3, padding=1)
-        self.rpn_cls = nn.Conv2d(cfg.feat_channels, a, 1)
-        self.rpn_reg = nn.Conv2d(cfg.feat_channels, a * 4, 1)
+        self.rpn_conv = nn.Conv2d(in_channels, feat_channels, 3, padding=1)
+        self.rpn_cls = nn.Conv2d(feat_channels, a, 1)
+        self.rpn_reg = nn.Conv2d(feat_channels, a * 4, 1)
         for conv in (self.rpn_conv, self.rpn_cls, self.rpn_reg):
             nn.init.normal_(conv.weight, std=0.01)
             nn.init.zeros_(conv.bias)
 
-    def forward(self, feats: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    def forward(self, feats: Features) -> tuple[list[Tensor], list[Tensor]]:
         """Per level: objectness ``(B, H*W*A)`` and deltas ``(B, H*W*A, 4)``, anchor order."""
         logits, deltas = [], []
-        for x in feats:
+        for x in (feats[name] for name in self.levels):
             x = F.relu(self.rpn_conv(x))
             b = x.shape[0]
             logits.append(self.rpn_cls(x).permute(0, 2, 3, 1).reshape(b, -1))
             deltas.append(self.rpn_reg(x).permute(0, 2, 3, 1).reshape(b, -1, 4))
         return logits, deltas
+
+    def loss_and_proposals(
+        self, feats: Features, image_sizes: list[tuple[int, int]], targets: list[InstanceTargets]
+    ) -> tuple[dict[str, Tensor], list[Tensor]]:
+        """Training: the RPN losses and the proposals the RoI head samples from."""
+        logits, deltas = self(feats)
+        sizes = self.level_sizes(feats)
+        losses = self.loss(logits, deltas, sizes, image_sizes, targets)
+        return losses, self.proposals(logits, deltas, sizes, image_sizes)
+
+    def predict(self, feats: Features, image_sizes: list[tuple[int, int]]) -> list[Tensor]:
+        """Inference: ``(P, 4)`` proposals per image."""
+        logits, deltas = self(feats)
+        return self.proposals(logits, deltas, self.level_sizes(feats), image_sizes)
+
+    def level_sizes(self, feats: Features) -> list[tuple[int, int]]:
+        return [tuple(feats[name].shape[-2:]) for name in self.levels]  # type: ignore[misc]
 
     def loss(
         self,

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..features import FeatureSpec, level_name
+
 
 @dataclass
 class FPNConfig:
@@ -47,7 +49,8 @@ class FPN(nn.Module):
     """``forward(features)`` maps C-levels (finest first) to ``cfg.num_outs`` P-levels.
 
     ``in_strides`` are the strides of the inputs (default ``4, 8, 16, ...``, i.e. C2 onward);
-    ``strides`` and ``out_channels`` describe the outputs, extra levels doubling the stride.
+    ``strides`` and ``out_channels`` describe the outputs, extra levels doubling the stride,
+    and ``output_specs`` name them (``p2`` for stride 4, ...) for the parts built on them.
     """
 
     def __init__(
@@ -80,6 +83,10 @@ class FPN(nn.Module):
             strides.append(strides[-1] * 2)
         self.strides: list[int] = strides
         self.out_channels: list[int] = [cfg.out_channels] * cfg.num_outs
+        self.output_specs: list[FeatureSpec] = [
+            FeatureSpec(level_name(s), c, s)
+            for s, c in zip(strides, self.out_channels, strict=True)
+        ]
 
         self.lateral_convs = nn.ModuleList(
             _ConvWithBias(c, cfg.out_channels, 1) for c in self.in_channels

@@ -1,38 +1,52 @@
-"""RoI feature extraction (single-level and GRoIE) and the R-CNN heads."""
+"""RoI feature extraction (single-level and GRoIE), sampling, and the R-CNN heads."""
 
 from .extractor import (
-    EXTRACTOR_KINDS,
+    RoIExtractorChoice,
     RoIExtractorConfig,
     SingleRoIExtractor,
     build_roi_extractor,
     map_roi_levels,
 )
 from .groie import GenericRoIExtractor, GRoIEConfig
-from .heads import BoxHeadConfig, FCNMaskHead, MaskHeadConfig, Shared2FCBoxHead
-from .pooling import pool_level, rescale_rois
-from .refine_roi_head import RefineRoIHead
+from .heads import (
+    BoxHeadConfig,
+    FCNMaskHead,
+    FCNMaskHeadConfig,
+    Shared2FCBoxHead,
+    select_class,
+)
+from .mask_branch import MaskHead, MaskHeadConfig, crop_mask_targets
+from .pooling import RoIPoolingConfig, pool_level, rescale_rois
 from .refinemask import REFINEMASK_VARIANTS, RefineMaskHead, RefineMaskHeadConfig
-from .standard import MASK_HEAD_KINDS, RoIHeadConfig, StandardRoIHead
+from .sampling import SampledRoIs, boxes_to_rois, sample_rois
+from .standard import MaskHeadChoice, RoIHeadConfig, StandardRoIHead
 
 __all__ = [
-    "EXTRACTOR_KINDS",
-    "MASK_HEAD_KINDS",
     "REFINEMASK_VARIANTS",
     "BoxHeadConfig",
     "FCNMaskHead",
+    "FCNMaskHeadConfig",
     "GRoIEConfig",
     "GenericRoIExtractor",
+    "MaskHead",
+    "MaskHeadChoice",
     "MaskHeadConfig",
     "RefineMaskHead",
     "RefineMaskHeadConfig",
-    "RefineRoIHead",
+    "RoIExtractorChoice",
     "RoIExtractorConfig",
     "RoIHeadConfig",
+    "RoIPoolingConfig",
+    "SampledRoIs",
     "Shared2FCBoxHead",
     "SingleRoIExtractor",
     "StandardRoIHead",
+    "boxes_to_rois",
     "build_roi_extractor",
+    "crop_mask_targets",
     "map_roi_levels",
     "pool_level",
     "rescale_rois",
+    "sample_rois",
+    "select_class",
 ]

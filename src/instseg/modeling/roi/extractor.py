@@ -9,46 +9,31 @@ operation is selectable in both: RoIAlign (torchvision semantics) or Precise RoI
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from ..features import Features, FeatureSpec
 from .groie import GenericRoIExtractor, GRoIEConfig
-from .pooling import ROI_OPS, pool_level, rescale_rois
-
-EXTRACTOR_KINDS = ("single", "generic")
+from .pooling import LevelPooler, RoIPoolingConfig, rescale_rois
 
 
 @dataclass
-class RoIExtractorConfig:
-    """How RoI features are pooled. ``kind="single"``: one level per RoI (``finest_scale``);
-    ``kind="generic"``: GRoIE, every level, with the ``groie`` settings."""
+class RoIExtractorConfig(RoIPoolingConfig):
+    """The single-level extractor: each RoI from the one level its size selects
+    (``finest_scale``). The other choice is :class:`GRoIEConfig` (``kind="generic"``)."""
 
-    output_size: int = 7
-    op: str = "roi_align"
-    sampling_ratio: int = 0
-    aligned: bool = True
-    strides: tuple[int, ...] = (4, 8, 16, 32)
+    kind: Literal["single"] = "single"
     finest_scale: float = 56.0
-    kind: str = "single"
-    groie: GRoIEConfig = field(default_factory=GRoIEConfig)
 
-    def __post_init__(self) -> None:
-        if self.op not in ROI_OPS:
-            raise ValueError(f"roi extractor op must be one of {ROI_OPS}, got {self.op!r}")
-        if self.kind not in EXTRACTOR_KINDS:
-            raise ValueError(
-                f"roi extractor kind must be one of {EXTRACTOR_KINDS}, got {self.kind!r}"
-            )
-        if self.output_size <= 0:
-            raise ValueError(f"roi extractor output_size must be positive, got {self.output_size}")
-        if self.sampling_ratio < 0:
-            raise ValueError(
-                f"roi extractor sampling_ratio must be >= 0, got {self.sampling_ratio}"
-            )
-        if not self.strides:
-            raise ValueError("roi extractor strides must not be empty")
+    def build(self, in_specs: list[FeatureSpec], output_size: int) -> SingleRoIExtractor:
+        return SingleRoIExtractor(self, in_specs, output_size)
+
+
+RoIExtractorChoice = RoIExtractorConfig | GRoIEConfig
+"""An extractor config: ``kind`` "single" or "generic" (GRoIE)."""
 
 
 def map_roi_levels(rois: Tensor, num_levels: int, finest_scale: float = 56.0) -> Tensor:
@@ -58,43 +43,43 @@ def map_roi_levels(rois: Tensor, num_levels: int, finest_scale: float = 56.0) ->
 
 
 class SingleRoIExtractor(nn.Module):
-    """Each RoI pooled from the one level its size selects; no parameters."""
+    """Each RoI pooled from the one level its size selects; no parameters. ``out_channels``
+    is the width of the levels it reads."""
 
-    def __init__(self, cfg: RoIExtractorConfig, in_channels: int | None = None) -> None:
+    def __init__(
+        self, cfg: RoIExtractorConfig, in_specs: list[FeatureSpec], output_size: int
+    ) -> None:
         super().__init__()
         self.cfg = cfg
-        self.out_channels = in_channels
-
-    def pool(self, feat: Tensor, rois: Tensor, stride: int) -> Tensor:
-        cfg = self.cfg
-        return pool_level(
-            feat, rois, cfg.output_size, stride, cfg.op, cfg.sampling_ratio, cfg.aligned
-        )
+        self.pooler = LevelPooler(cfg, in_specs, output_size)
+        self.output_size = output_size
+        self.out_channels = self.pooler.in_channels
 
     def forward(
-        self, feats: list[Tensor], rois: Tensor, roi_scale_factor: float | None = None
+        self, feats: Features, rois: Tensor, roi_scale_factor: float | None = None
     ) -> Tensor:
-        """``(K, C, S, S)`` features for ``(K, 5)`` RoIs from the first ``len(strides)`` maps.
+        """``(K, C, S, S)`` features for ``(K, 5)`` RoIs from the extractor's levels.
 
         With ``roi_scale_factor`` the RoIs are enlarged about their centres before pooling;
         the level is still chosen from the original size (mmdet)."""
-        levels = len(self.cfg.strides)
-        feats = feats[:levels]
+        pooler = self.pooler
+        maps = pooler.maps(feats)
+        levels = len(maps)
         pooled_rois = rois if roi_scale_factor is None else rescale_rois(rois, roi_scale_factor)
-        if len(feats) == 1:
-            return self.pool(feats[0], pooled_rois, self.cfg.strides[0])
+        if levels == 1:
+            return pooler.pool(maps[0], pooled_rois, pooler.strides[0])
         if rois.shape[0] == 0:
-            size = self.cfg.output_size
-            return feats[0].new_zeros((0, feats[0].shape[1], size, size))
+            size = self.output_size
+            return maps[0].new_zeros((0, maps[0].shape[1], size, size))
         # Pool each level's RoIs in level order, then put the rows back in RoI order (a
         # gather, whose backward keeps only the index, unlike an index_copy into zeros).
         target = map_roi_levels(rois, levels, self.cfg.finest_scale)
         order = torch.argsort(target, stable=True)
         counts = torch.bincount(target, minlength=levels).tolist()
         parts = [
-            self.pool(feat, level_rois, stride)
+            pooler.pool(feat, level_rois, stride)
             for feat, stride, level_rois in zip(
-                feats, self.cfg.strides, pooled_rois[order].split(counts), strict=True
+                maps, pooler.strides, pooled_rois[order].split(counts), strict=True
             )
             if level_rois.shape[0] > 0
         ]
@@ -104,10 +89,8 @@ class SingleRoIExtractor(nn.Module):
 
 
 def build_roi_extractor(
-    cfg: RoIExtractorConfig, in_channels: int
+    cfg: RoIExtractorChoice, in_specs: list[FeatureSpec], output_size: int
 ) -> SingleRoIExtractor | GenericRoIExtractor:
-    """The extractor ``cfg.kind`` names, over feature maps of ``in_channels`` channels; its
-    ``out_channels`` is the width the head must take."""
-    if cfg.kind == "generic":
-        return GenericRoIExtractor(cfg, in_channels)
-    return SingleRoIExtractor(cfg, in_channels)
+    """The extractor ``cfg`` describes over the neck levels ``in_specs``, pooling
+    ``output_size`` x ``output_size``; its ``out_channels`` is the width its head takes."""
+    return cfg.build(in_specs, output_size)

@@ -19,7 +19,7 @@ their own weights.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -29,10 +29,8 @@ from ...layers import (
     GeneralizedAttentionConfig,
     NonLocalConfig,
 )
-from .pooling import pool_level, rescale_rois
-
-if TYPE_CHECKING:
-    from .extractor import RoIExtractorConfig
+from ..features import Features, FeatureSpec
+from .pooling import LevelPooler, RoIPoolingConfig, rescale_rois
 
 AGGREGATIONS = ("sum", "concat")
 PRE_MODULES = ("conv", "none")
@@ -50,13 +48,16 @@ def _groie_attention() -> GeneralizedAttentionConfig:
 
 
 @dataclass
-class GRoIEConfig:
-    """What GRoIE does between pooling and the head; defaults are the official configs'.
+class GRoIEConfig(RoIPoolingConfig):
+    """The GRoIE extractor (``kind="generic"``); defaults are the official configs'
+    (RoIAlign with ``sampling_ratio=2`` on P2-P5).
 
     ``pre`` picks the shared per-level module (``pre_conv`` settings) and ``post`` the
     module after aggregation (``attention`` or ``non_local`` settings); "none" skips it.
     """
 
+    kind: Literal["generic"] = "generic"
+    sampling_ratio: int = 2
     aggregation: str = "sum"
     pre: str = "conv"
     pre_conv: ConvModuleConfig = field(
@@ -67,6 +68,7 @@ class GRoIEConfig:
     non_local: NonLocalConfig = field(default_factory=NonLocalConfig)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(
                 f"groie.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}"
@@ -76,19 +78,25 @@ class GRoIEConfig:
         if self.post not in POST_MODULES:
             raise ValueError(f"groie.post must be one of {POST_MODULES}, got {self.post!r}")
 
+    def build(self, in_specs: list[FeatureSpec], output_size: int) -> GenericRoIExtractor:
+        return GenericRoIExtractor(self, in_specs, output_size)
+
 
 class GenericRoIExtractor(nn.Module):
     """``forward(feats, rois) -> (K, out_channels, S, S)`` pooled from every level.
 
-    ``in_channels`` is the width of the feature maps. ``out_channels`` is the width of the
-    output: the pre-module's width for sum, ``levels * in_channels`` for concat.
+    ``out_channels`` is the width of the output: the pre-module's width for sum,
+    ``levels * width of the levels`` for concat.
     """
 
-    def __init__(self, cfg: RoIExtractorConfig, in_channels: int) -> None:
+    def __init__(self, cfg: GRoIEConfig, in_specs: list[FeatureSpec], output_size: int) -> None:
         super().__init__()
-        groie = cfg.groie
+        groie = cfg
         self.cfg = cfg
-        self.num_levels = len(cfg.strides)
+        self.pooler = LevelPooler(cfg, in_specs, output_size)
+        self.output_size = output_size
+        in_channels = self.pooler.in_channels
+        self.num_levels = len(self.pooler.levels)
         self.pre_module: nn.Module | None = None
         width = in_channels
         if groie.pre == "conv":
@@ -110,36 +118,29 @@ class GenericRoIExtractor(nn.Module):
             self.post_module = groie.non_local.build(width)
 
     def forward(
-        self, feats: list[Tensor], rois: Tensor, roi_scale_factor: float | None = None
+        self, feats: Features, rois: Tensor, roi_scale_factor: float | None = None
     ) -> Tensor:
-        cfg = self.cfg
-        size = cfg.output_size
-        if len(feats) < self.num_levels:
-            raise ValueError(
-                f"GRoIE expects {self.num_levels} feature maps (strides {cfg.strides}), "
-                f"got {len(feats)}"
-            )
-        feats = feats[: self.num_levels]
+        cfg, pooler = self.cfg, self.pooler
+        size = self.output_size
+        maps = pooler.maps(feats)
         if rois.shape[0] == 0:
-            return feats[0].new_zeros((0, self.out_channels, size, size))
-        if len(feats) == 1:
+            return maps[0].new_zeros((0, self.out_channels, size, size))
+        if len(maps) == 1:
             # mmdet: a single level is only pooled, without the pre and post modules.
-            return pool_level(
-                feats[0], rois, size, cfg.strides[0], cfg.op, cfg.sampling_ratio, cfg.aligned
-            )
+            return pooler.pool(maps[0], rois, pooler.strides[0])
         if roi_scale_factor is not None:
             rois = rescale_rois(rois, roi_scale_factor)
         pooled = torch.stack(
             [
-                pool_level(feat, rois, size, stride, cfg.op, cfg.sampling_ratio, cfg.aligned)
-                for feat, stride in zip(feats, cfg.strides, strict=True)
+                pooler.pool(feat, rois, stride)
+                for feat, stride in zip(maps, pooler.strides, strict=True)
             ]
         )  # (L, K, C, S, S)
         levels, k = pooled.shape[:2]
         if self.pre_module is not None:
             # One call over all levels: the same weights apply to each.
             pooled = self.pre_module(pooled.flatten(0, 1)).unflatten(0, (levels, k))
-        if cfg.groie.aggregation == "sum":
+        if cfg.aggregation == "sum":
             out = pooled.sum(dim=0)
         else:
             out = pooled.transpose(0, 1).flatten(1, 2)  # (K, L * C, S, S), level-major

@@ -1,4 +1,5 @@
-"""The R-CNN box head (mmdet ``Shared2FCBBoxHead``) and mask head (``FCNMaskHead``).
+"""The R-CNN box head (mmdet ``Shared2FCBBoxHead``) and mask head (``FCNMaskHead``), each
+with its own loss and decoding, so a single-stage and a cascade RoI head drive them alike.
 
 Parameter names follow mmdet's so that its checkpoints map key for key.
 """
@@ -7,31 +8,54 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...ops import decode_deltas, encode_deltas
+from ...structures import InstanceTargets
+from ..features import Features, FeatureSpec
+from .mask_branch import crop_mask_targets
+from .sampling import SampledRoIs, boxes_to_rois
+
 
 @dataclass
 class BoxHeadConfig:
-    in_channels: int = 256
+    """The box head, its box coder (mmdet ``DeltaXYWHBBoxCoder``: ``target_means``,
+    ``target_stds``) and its losses. ``roi_size`` is what its extractor pools;
+    ``class_agnostic`` regresses one box per RoI instead of one per class (Cascade R-CNN)."""
+
     roi_size: int = 7
     fc_channels: int = 1024
     num_fcs: int = 2
+    class_agnostic: bool = False
+    target_means: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    target_stds: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)
+    loss_cls_weight: float = 1.0
+    loss_bbox_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("roi_size", "fc_channels", "num_fcs"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"box_head.{name} must be positive, got {getattr(self, name)}")
+        if min(self.target_stds) <= 0:
+            raise ValueError(f"box_head.target_stds must be positive, got {self.target_stds}")
 
 
 class Shared2FCBoxHead(nn.Module):
     """Flatten, ``num_fcs`` x (fc + ReLU), then a ``num_classes + 1``-way classifier
-    (background last) and class-specific deltas ``(4 * num_classes)``."""
+    (background last) and deltas: ``4 * num_classes`` (class-specific) or 4."""
 
-    def __init__(self, cfg: BoxHeadConfig, num_classes: int) -> None:
+    def __init__(self, cfg: BoxHeadConfig, in_channels: int, num_classes: int) -> None:
         super().__init__()
+        self.cfg = cfg
         self.num_classes = num_classes
-        dims = [cfg.in_channels * cfg.roi_size * cfg.roi_size] + [cfg.fc_channels] * cfg.num_fcs
+        dims = [in_channels * cfg.roi_size * cfg.roi_size] + [cfg.fc_channels] * cfg.num_fcs
         self.shared_fcs = nn.ModuleList(nn.Linear(a, b) for a, b in pairwise(dims))
         self.fc_cls = nn.Linear(dims[-1], num_classes + 1)
-        self.fc_reg = nn.Linear(dims[-1], 4 * num_classes)
+        self.fc_reg = nn.Linear(dims[-1], 4 if cfg.class_agnostic else 4 * num_classes)
         for fc in self.shared_fcs:
             nn.init.xavier_uniform_(fc.weight)
             nn.init.zeros_(fc.bias)
@@ -45,6 +69,49 @@ class Shared2FCBoxHead(nn.Module):
         for fc in self.shared_fcs:
             x = F.relu(fc(x))
         return self.fc_cls(x), self.fc_reg(x)
+
+    def loss(self, cls_score: Tensor, bbox_pred: Tensor, sampled: SampledRoIs) -> dict[str, Tensor]:
+        """Softmax cross-entropy over the sampled RoIs; L1 on the positives' normalised
+        deltas (of their GT class unless class-agnostic), summed and divided by the number of
+        sampled RoIs (mmdet's ``avg_factor``)."""
+        cfg = self.cfg
+        reg_targets = [
+            encode_deltas(boxes, gt, cfg.target_means, cfg.target_stds)
+            for boxes, gt in zip(sampled.pos_boxes, sampled.pos_gt_boxes, strict=True)
+        ]
+        is_pos = sampled.is_pos
+        pos_pred = self._deltas(bbox_pred)[is_pos]
+        pos_pred = select_class(pos_pred, sampled.labels[is_pos])
+        return {
+            "loss_cls": cfg.loss_cls_weight * F.cross_entropy(cls_score, sampled.labels),
+            "loss_bbox": cfg.loss_bbox_weight
+            * (pos_pred - torch.cat(reg_targets)).abs().sum()
+            / max(cls_score.shape[0], 1),
+        }
+
+    def decode(self, boxes: Tensor, bbox_pred: Tensor, image_size: tuple[int, int]) -> Tensor:
+        """``(N, num_classes, 4)`` boxes of one image, clipped to ``image_size``."""
+        cfg = self.cfg
+        deltas = self._deltas(bbox_pred)
+        decoded = decode_deltas(
+            boxes[:, None, :].expand(-1, deltas.shape[1], 4),
+            deltas,
+            cfg.target_means,
+            cfg.target_stds,
+            max_shape=image_size,
+        )
+        return decoded.expand(-1, self.num_classes, 4)
+
+    def _deltas(self, bbox_pred: Tensor) -> Tensor:
+        """``(N, C, 4)`` deltas: ``C = num_classes``, or 1 when class-agnostic."""
+        return bbox_pred.view(bbox_pred.shape[0], -1, 4)
+
+
+def select_class(per_class: Tensor, labels: Tensor) -> Tensor:
+    """``per_class[i, labels[i]]`` for a ``(N, C, ...)`` tensor (``C = 1``: the one entry)."""
+    if per_class.shape[1] == 1:
+        return per_class[:, 0]
+    return per_class[torch.arange(per_class.shape[0], device=per_class.device), labels]
 
 
 class _ConvReLU(nn.Module):
@@ -61,22 +128,42 @@ class _ConvReLU(nn.Module):
 
 
 @dataclass
-class MaskHeadConfig:
-    in_channels: int = 256
-    conv_channels: int = 256
+class FCNMaskHeadConfig:
+    """Mask R-CNN's mask head (``kind="fcn"``): ``num_convs`` 3x3 convs of
+    ``conv_channels`` (None: the width of its RoI features) on ``roi_size`` RoI features,
+    a 2x deconv, per-class logits; ``loss_weight`` scales its BCE."""
+
+    kind: Literal["fcn"] = "fcn"
+    roi_size: int = 14
+    conv_channels: int | None = None
     num_convs: int = 4
+    loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.roi_size <= 0 or self.num_convs < 0:
+            raise ValueError(
+                f"mask_head: roi_size must be positive and num_convs >= 0, got "
+                f"{self.roi_size}, {self.num_convs}"
+            )
+        if self.conv_channels is not None and self.conv_channels <= 0:
+            raise ValueError(f"mask_head.conv_channels must be positive, got {self.conv_channels}")
+
+    def build(self, in_channels: int, in_specs: list[FeatureSpec], num_classes: int) -> FCNMaskHead:
+        return FCNMaskHead(self, in_channels, num_classes)
 
 
 class FCNMaskHead(nn.Module):
     """``num_convs`` x (conv3x3 + ReLU), a 2x deconv + ReLU, and a 1x1 conv to one mask logit
     map per class: 14x14 RoI features give 28x28 masks."""
 
-    def __init__(self, cfg: MaskHeadConfig, num_classes: int) -> None:
+    def __init__(self, cfg: FCNMaskHeadConfig, in_channels: int, num_classes: int) -> None:
         super().__init__()
-        channels = [cfg.in_channels] + [cfg.conv_channels] * cfg.num_convs
+        self.cfg = cfg
+        width = cfg.conv_channels or in_channels
+        channels = [in_channels] + [width] * cfg.num_convs
         self.convs = nn.ModuleList(_ConvReLU(a, b) for a, b in pairwise(channels))
-        self.upsample = nn.ConvTranspose2d(channels[-1], cfg.conv_channels, 2, stride=2)
-        self.conv_logits = nn.Conv2d(cfg.conv_channels, num_classes, 1)
+        self.upsample = nn.ConvTranspose2d(channels[-1], width, 2, stride=2)
+        self.conv_logits = nn.Conv2d(width, num_classes, 1)
         for layer in (self.upsample, self.conv_logits):
             nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
             nn.init.zeros_(layer.bias)
@@ -86,7 +173,29 @@ class FCNMaskHead(nn.Module):
             x = conv(x)
         return self.conv_logits(F.relu(self.upsample(x)))
 
+    def loss(
+        self,
+        feats: Features,
+        extractor: nn.Module,
+        sampled: SampledRoIs,
+        targets: list[InstanceTargets],
+    ) -> dict[str, Tensor]:
+        """Per-pixel BCE of each positive's GT-class logits against its GT mask cropped by
+        the RoI (RoIAlign at 28x28, >= 0.5), averaged over pixels."""
+        rois = boxes_to_rois(sampled.pos_boxes)
+        logits = self(extractor(feats, rois))
+        if rois.shape[0] == 0:
+            return {"loss_mask": logits.sum() * 0.0}
+        (mask_targets,) = crop_mask_targets(
+            sampled.pos_boxes, sampled.pos_gt_index, targets, [logits.shape[-1]]
+        )
+        loss = F.binary_cross_entropy_with_logits(
+            select_class(logits, sampled.pos_labels), mask_targets.to(logits.dtype)
+        )
+        return {"loss_mask": self.cfg.loss_weight * loss}
 
-def select_class(per_class: Tensor, labels: Tensor) -> Tensor:
-    """``per_class[i, labels[i]]`` for a ``(N, C, ...)`` tensor."""
-    return per_class[torch.arange(per_class.shape[0], device=per_class.device), labels]
+    def predict_probs(
+        self, feats: Features, extractor: nn.Module, rois: Tensor, labels: Tensor
+    ) -> Tensor:
+        logits = self(extractor(feats, rois))
+        return select_class(logits, labels).sigmoid()

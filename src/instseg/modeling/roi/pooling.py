@@ -1,13 +1,62 @@
-"""The RoI pooling step shared by the RoI extractors: one op call per feature level."""
+"""The RoI pooling step shared by the RoI extractors: one op call per feature level, and the
+settings every extractor has (which op, which levels)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ...ops import prroi_pool2d, roi_align
+from ..features import Features, FeatureSpec, common_width, select_specs
 
 ROI_OPS = ("roi_align", "prroi_pool")
+
+
+@dataclass
+class RoIPoolingConfig:
+    """What every RoI extractor shares: the RoI op (RoIAlign or Precise RoI Pooling), its
+    settings, and the neck levels it reads (by name; their strides come from the neck).
+    The output size is not here: the head an extractor feeds decides it."""
+
+    op: str = "roi_align"
+    sampling_ratio: int = 0
+    aligned: bool = True
+    levels: tuple[str, ...] = ("p2", "p3", "p4", "p5")
+
+    def __post_init__(self) -> None:
+        if self.op not in ROI_OPS:
+            raise ValueError(f"roi extractor op must be one of {ROI_OPS}, got {self.op!r}")
+        if self.sampling_ratio < 0:
+            raise ValueError(
+                f"roi extractor sampling_ratio must be >= 0, got {self.sampling_ratio}"
+            )
+        if not self.levels:
+            raise ValueError("roi extractor levels must name at least one feature level")
+
+
+class LevelPooler:
+    """The levels an extractor reads (names, strides, one width) and its pooling call."""
+
+    def __init__(self, cfg: RoIPoolingConfig, in_specs: list[FeatureSpec], output_size: int):
+        if output_size <= 0:
+            raise ValueError(f"roi extractor output size must be positive, got {output_size}")
+        specs = select_specs(in_specs, cfg.levels, "roi extractor levels")
+        self.cfg = cfg
+        self.levels = [s.name for s in specs]
+        self.strides = [s.stride for s in specs]
+        self.in_channels = common_width(specs, "a roi extractor")
+        self.output_size = output_size
+
+    def maps(self, feats: Features) -> list[Tensor]:
+        return [feats[name] for name in self.levels]
+
+    def pool(self, feat: Tensor, rois: Tensor, stride: int) -> Tensor:
+        cfg = self.cfg
+        return pool_level(
+            feat, rois, self.output_size, stride, cfg.op, cfg.sampling_ratio, cfg.aligned
+        )
 
 
 def pool_level(

@@ -10,14 +10,15 @@ replaces the upsampled coarser one only in the width-1 band of the coarser binar
 
 Read top to bottom: the band (``block_target``, §3.5), the merge, the instance loss; then
 the config, the stages and the head (both the paper's head and the faster-better variant of
-§3.9); then the test-time cascade and the semantic target (§3.4). The RoI head that feeds
-it lives in :mod:`.refine_roi_head`.
+§3.9) with its training targets and test-time chunking (the mask-head protocol any RoI
+head drives); then the test-time cascade and the semantic target (§3.4).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,10 @@ from torch import Tensor, nn
 
 from ...layers import ConvModule
 from ...ops import roi_align
+from ...structures import InstanceTargets
+from ..features import Features, FeatureSpec, select_specs
+from .mask_branch import crop_mask_targets
+from .sampling import SampledRoIs, boxes_to_rois
 
 BOUNDARY, INTERIOR = 1, 2
 
@@ -138,7 +143,10 @@ REFINEMASK_VARIANTS = ("refinemask", "faster_better")
 
 @dataclass
 class RefineMaskHeadConfig:
-    """The RefineMask mask head; the defaults are the official r50 COCO config (§3.3, §3.7).
+    """The RefineMask mask head (``kind="refinemask"``); the defaults are the official r50
+    COCO config (§3.3, §3.7). Its RoI features come from the mask extractor (at
+    ``stage_sizes[0]``), its semantic branch reads the neck level ``semantic_level`` (P2);
+    widths and the stride come from there. ``loss_weight`` scales ``loss_mask``.
 
     ``variant="faster_better"`` is the ``SimpleRefineMaskHead`` of §3.9: no semantic logits
     or loss, one bilinear sample per bin for the semantic features, global-average fusion,
@@ -147,14 +155,13 @@ class RefineMaskHeadConfig:
     and loss weights (0.5, 0.75, 0.75, 1.0); the zoo config sets those.
     """
 
+    kind: Literal["refinemask"] = "refinemask"
     variant: str = "refinemask"
-    in_channels: int = 256  # RoI features from the mask extractor
-    semantic_in_channels: int = 256  # FPN P2, the finest level
+    semantic_level: str = "p2"
     conv_channels: int = 256
     num_convs_instance: int = 2
     num_convs_semantic: int = 4
     dilations: tuple[int, ...] = (1, 3, 5)
-    semantic_stride: int = 4
     stage_sizes: tuple[int, ...] = (14, 28, 56, 112)
     class_agnostic_last_stage: bool = False  # LVIS: stage_num_classes[-1] = 1
     mask_use_sigmoid: bool = True  # refinemask variant: fuse mask probabilities, not logits
@@ -164,9 +171,10 @@ class RefineMaskHeadConfig:
     boundary_width: int = 2
     start_stage: int = 1
     test_chunk_size: int = 100  # RoIs per mask forward at test time, as the official code
+    loss_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        key = "roi_head.refine_mask"
+        key = "roi_head.mask_head"
         if self.variant not in REFINEMASK_VARIANTS:
             raise ValueError(
                 f"{key}.variant must be one of {REFINEMASK_VARIANTS}, got {self.variant!r}"
@@ -188,9 +196,6 @@ class RefineMaskHeadConfig:
                 f"{key}.conv_channels ({self.conv_channels}) must halve exactly "
                 f"{len(sizes) - 1} times to at least 4 channels"
             )
-        for name in ("in_channels", "semantic_in_channels", "semantic_stride"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{key}.{name} must be positive, got {getattr(self, name)}")
         if not self.dilations or min(self.dilations) <= 0:
             raise ValueError(f"{key}.dilations must be positive, got {self.dilations}")
         if self.boundary_width < 1:
@@ -205,6 +210,17 @@ class RefineMaskHeadConfig:
     @property
     def with_semantic_loss(self) -> bool:
         return self.variant == "refinemask"
+
+    @property
+    def roi_size(self) -> int:
+        """The size of the RoI features the first stage refines."""
+        return self.stage_sizes[0]
+
+    def build(
+        self, in_channels: int, in_specs: list[FeatureSpec], num_classes: int
+    ) -> RefineMaskHead:
+        (semantic,) = select_specs(in_specs, [self.semantic_level], "mask_head.semantic_level")
+        return RefineMaskHead(self, num_classes, in_channels, semantic)
 
 
 def _init_1x1(*convs: nn.Conv2d) -> None:
@@ -289,10 +305,15 @@ class SFMStage(nn.Module):
     at ``2S`` out, of which the last two are the stage's mask and the RoI's semantic mask."""
 
     def __init__(
-        self, cfg: RefineMaskHeadConfig, channels: int, num_classes: int, global_average: bool
+        self,
+        cfg: RefineMaskHeadConfig,
+        channels: int,
+        num_classes: int,
+        global_average: bool,
+        semantic_stride: int,
     ) -> None:
         super().__init__()
-        self.spatial_scale = 1.0 / cfg.semantic_stride
+        self.spatial_scale = 1.0 / semantic_stride
         self.mask_use_sigmoid = cfg.mask_use_sigmoid
         self.semantic_transform_in = nn.Conv2d(cfg.conv_channels, channels, 1)
         self.semantic_transform_out = nn.Conv2d(channels, channels, 1)
@@ -347,9 +368,9 @@ class SimpleSFMStage(nn.Module):
     """A faster-better stage (§3.9): semantic features sampled once per bin with no output
     transform, the stage's mask probability fused and re-attached before the upsampling."""
 
-    def __init__(self, cfg: RefineMaskHeadConfig, channels: int) -> None:
+    def __init__(self, cfg: RefineMaskHeadConfig, channels: int, semantic_stride: int) -> None:
         super().__init__()
-        self.spatial_scale = 1.0 / cfg.semantic_stride
+        self.spatial_scale = 1.0 / semantic_stride
         self.semantic_transform_in = nn.Conv2d(cfg.conv_channels, channels, 1)
         self.fuse_conv = nn.ModuleList(
             [
@@ -396,44 +417,58 @@ class RefineMaskHead(nn.Module):
 
     ``semantic(p2)`` runs the semantic branch once per batch; ``instances(...)`` maps a
     chunk of RoIs to the per-stage logits ``[(N, 14, 14), (N, 28, 28), (N, 56, 56),
-    (N, 112, 112)]`` (one map per RoI: its label's). Parameter names follow the official
-    ``RefineMaskHead`` / ``SimpleRefineMaskHead``.
+    (N, 112, 112)]`` (one map per RoI: its label's). ``in_channels`` is the width of the RoI
+    features, ``semantic_spec`` the neck level the semantic branch reads. Parameter names
+    follow the official ``RefineMaskHead`` / ``SimpleRefineMaskHead``.
     """
 
-    def __init__(self, cfg: RefineMaskHeadConfig, num_classes: int) -> None:
+    def __init__(
+        self,
+        cfg: RefineMaskHeadConfig,
+        num_classes: int,
+        in_channels: int,
+        semantic_spec: FeatureSpec,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.num_classes = num_classes
+        self.semantic_level = semantic_spec.name
+        self.semantic_stride = semantic_spec.stride
         width = cfg.conv_channels
+        if cfg.num_convs_instance == 0 and in_channels != width:
+            raise ValueError(
+                f"roi_head.mask_head: with no instance convs, the RoI features' width "
+                f"({in_channels}) must equal conv_channels ({width})"
+            )
+        if cfg.num_convs_semantic == 0 and semantic_spec.channels != width:
+            raise ValueError(
+                "roi_head.mask_head: with no semantic convs, the width of "
+                f"{semantic_spec.name} ({semantic_spec.channels}) must equal conv_channels "
+                f"({width})"
+            )
         self.instance_convs = nn.ModuleList(
-            ConvModule(cfg.in_channels if i == 0 else width, width, 3, padding=1)
+            ConvModule(in_channels if i == 0 else width, width, 3, padding=1)
             for i in range(cfg.num_convs_instance)
         )
         self.semantic_convs = nn.ModuleList(
-            ConvModule(cfg.semantic_in_channels if i == 0 else width, width, 3, padding=1)
+            ConvModule(semantic_spec.channels if i == 0 else width, width, 3, padding=1)
             for i in range(cfg.num_convs_semantic)
         )
-        if cfg.num_convs_instance == 0 and cfg.in_channels != width:
-            raise ValueError(
-                "roi_head.refine_mask: with no instance convs, in_channels must equal conv_channels"
-            )
-        if cfg.num_convs_semantic == 0 and cfg.semantic_in_channels != width:
-            raise ValueError(
-                "roi_head.refine_mask: with no semantic convs, "
-                "semantic_in_channels must equal conv_channels"
-            )
         channels = [width >> k for k in range(len(cfg.stage_sizes))]
         last_classes = 1 if cfg.class_agnostic_last_stage else num_classes
+        stride = semantic_spec.stride
         self.stages = nn.ModuleList()
         if cfg.variant == "refinemask":
             for c in channels[:-1]:
-                self.stages.append(SFMStage(cfg, c, num_classes, global_average=False))
+                self.stages.append(
+                    SFMStage(cfg, c, num_classes, global_average=False, semantic_stride=stride)
+                )
             self.final_instance_logits = nn.Conv2d(channels[-1], last_classes, 1)
             self.semantic_logits = nn.Conv2d(width, 1, 1)
             _init_1x1(self.final_instance_logits, self.semantic_logits)
         else:
             for c in channels[:-1]:
-                self.stages.append(SimpleSFMStage(cfg, c))
+                self.stages.append(SimpleSFMStage(cfg, c, stride))
             classes = [num_classes] * (len(channels) - 1) + [last_classes]
             self.stage_instance_logits = nn.ModuleList(
                 nn.Conv2d(c, k, 1) for c, k in zip(channels, classes, strict=True)
@@ -487,7 +522,7 @@ class RefineMaskHead(nn.Module):
         semantic = self.semantic(p2)
         return self.instances(roi_feats, semantic, rois, labels), semantic.logits
 
-    def loss(
+    def stage_losses(
         self,
         stage_logits: list[Tensor],
         stage_targets: list[Tensor],
@@ -514,6 +549,54 @@ class RefineMaskHead(nn.Module):
                 semantic_logits[:, 0], semantic_target.to(semantic_logits.dtype)
             )
         return losses
+
+    # ------------------------------------------------------- the mask-head protocol
+
+    def loss(
+        self,
+        feats: Features,
+        extractor: nn.Module,
+        sampled: SampledRoIs,
+        targets: list[InstanceTargets],
+    ) -> dict[str, Tensor]:
+        """Training: the positives' targets at every stage size (14, 28, 56, 112) and the
+        semantic target (union of each image's GT masks) for the semantic branch."""
+        cfg = self.cfg
+        rois = boxes_to_rois(sampled.pos_boxes)
+        semantic_feat = feats[self.semantic_level]
+        stage_logits, semantic_logits = self(
+            extractor(feats, rois), semantic_feat, rois, sampled.pos_labels
+        )
+        stage_targets = crop_mask_targets(
+            sampled.pos_boxes, sampled.pos_gt_index, targets, cfg.stage_sizes
+        )
+        target_map = None
+        if cfg.with_semantic_loss:
+            masks = [t.masks for t in targets]
+            if any(m is None for m in masks):
+                raise ValueError("RefineMask training needs targets with masks (with_masks=True)")
+            height, width = semantic_feat.shape[-2:]
+            padded = (height * self.semantic_stride, width * self.semantic_stride)
+            target_map = semantic_target(masks, padded, (height, width))  # type: ignore[arg-type]
+        losses = self.stage_losses(stage_logits, stage_targets, semantic_logits, target_map)
+        losses["loss_mask"] = cfg.loss_weight * losses["loss_mask"]
+        return losses
+
+    def predict_probs(
+        self, feats: Features, extractor: nn.Module, rois: Tensor, labels: Tensor
+    ) -> Tensor:
+        """Merged 112 x 112 probabilities (§3.8), ``test_chunk_size`` RoIs at a time; the
+        semantic branch runs once for the batch (the official code reruns it per chunk)."""
+        semantic = self.semantic(feats[self.semantic_level])
+        chunk = self.cfg.test_chunk_size
+        probs = []
+        for start in range(0, rois.shape[0], chunk):
+            chunk_rois, chunk_labels = rois[start : start + chunk], labels[start : start + chunk]
+            stage_logits = self.instances(
+                extractor(feats, chunk_rois), semantic, chunk_rois, chunk_labels
+            )
+            probs.append(merge_stages(stage_logits).sigmoid())
+        return torch.cat(probs)
 
 
 def merge_stages(stage_logits: list[Tensor]) -> Tensor:

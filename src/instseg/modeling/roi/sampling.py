@@ -1,0 +1,72 @@
+"""RoI sampling for training (mmdet ``MaxIoUAssigner`` + ``RandomSampler`` over proposals
+plus the GT boxes), as one function that a single-stage and a cascade RoI head both call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ...structures import InstanceTargets
+from ..anchors import AssignerConfig, SamplerConfig, assign, sample
+
+
+def boxes_to_rois(boxes: list[Tensor]) -> Tensor:
+    """Per-image ``(N_i, 4)`` boxes as one ``(sum N_i, 5)`` RoI tensor."""
+    return torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1) for i, b in enumerate(boxes)])
+
+
+@dataclass
+class SampledRoIs:
+    """The sampled RoIs of a batch: per image the positives first, then the negatives.
+
+    ``labels`` covers every sampled RoI of every image (``num_classes`` = background);
+    ``pos_*`` are per image: the positive boxes, the index of their GT in that image's
+    targets, and that GT's box.
+    """
+
+    boxes: list[Tensor]
+    labels: Tensor
+    num_classes: int
+    pos_boxes: list[Tensor]
+    pos_gt_index: list[Tensor]
+    pos_gt_boxes: list[Tensor]
+
+    @property
+    def rois(self) -> Tensor:
+        return boxes_to_rois(self.boxes)
+
+    @property
+    def is_pos(self) -> Tensor:
+        return self.labels < self.num_classes
+
+    @property
+    def pos_labels(self) -> Tensor:
+        """Labels of the positives, all images, in ``pos_boxes`` order."""
+        return self.labels[self.is_pos]
+
+
+def sample_rois(
+    proposals: list[Tensor],
+    targets: list[InstanceTargets],
+    assigner: AssignerConfig,
+    sampler: SamplerConfig,
+    num_classes: int,
+) -> SampledRoIs:
+    """Per image: the GT boxes join the proposals (``add_gt_as_proposals``), MaxIoU
+    assignment (crowd regions ignored), then random positives and negatives (global RNG)."""
+    boxes, labels, pos_boxes, pos_gt_index, pos_gt_boxes = [], [], [], [], []
+    for props, target in zip(proposals, targets, strict=True):
+        if sampler.add_gt_as_proposals and len(target) > 0:
+            props = torch.cat([target.boxes, props])
+        assigned = assign(props, target.boxes, assigner, target.ignore_boxes)
+        pos, neg = sample(assigned, sampler.num, sampler.pos_fraction)
+        gt_index = assigned[pos] - 1
+        boxes.append(torch.cat([props[pos], props[neg]]))
+        background = torch.full_like(neg, num_classes)
+        labels.append(torch.cat([target.labels[gt_index], background]))
+        pos_boxes.append(props[pos])
+        pos_gt_index.append(gt_index)
+        pos_gt_boxes.append(target.boxes[gt_index])
+    return SampledRoIs(boxes, torch.cat(labels), num_classes, pos_boxes, pos_gt_index, pos_gt_boxes)
