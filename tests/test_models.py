@@ -220,3 +220,67 @@ def test_detector_handles_images_without_objects_and_predicts_in_original_frame(
             assert (result.boxes[:, 2] <= info.original_size[1] + 1e-4).all()
             assert (result.boxes[:, 3] <= info.original_size[0] + 1e-4).all()
             assert (result.scores > 0.05).all() and (result.labels < 3).all()
+
+
+@pytest.mark.parametrize("class_agnostic", [False, True])
+def test_box_head_loss_and_decode_match_loop_references(class_agnostic):
+    """Cross-entropy over the sampled RoIs and L1 on the positives' normalised deltas (of
+    their GT class, or the one class-agnostic box), divided by the number of samples;
+    decoding inverts the coder. The reference is written out per RoI in float64."""
+    from instseg.modeling.roi import SampledRoIs, Shared2FCBoxHead
+
+    g = torch.Generator().manual_seed(3)
+    num_classes, stds, means = 3, (0.1, 0.1, 0.2, 0.2), (0.01, -0.02, 0.0, 0.03)
+    cfg = BoxHeadConfig(
+        roi_size=2, fc_channels=8, class_agnostic=class_agnostic, target_means=means,
+        target_stds=stds, loss_cls_weight=1.5, loss_bbox_weight=2.0,
+    )  # fmt: skip
+    head = Shared2FCBoxHead(cfg, 4, num_classes).double()
+    xy = 5 + torch.rand(2, 5, 2, generator=g, dtype=torch.float64) * 50  # inside the image
+    wh = 5 + 20 * torch.rand(2, 5, 2, generator=g, dtype=torch.float64)
+    boxes = [torch.cat([xy[i], xy[i] + wh[i]], 1) for i in range(2)]
+    gts = [b + torch.randn(b.shape, generator=g, dtype=torch.float64) for b in boxes]
+    labels = torch.tensor([2, 0, 3, 3, 3, 1, 3, 3, 3, 3])  # 3 = background
+    num_pos = [2, 1]
+    sampled = SampledRoIs(
+        boxes, labels, num_classes, [b[:n] for b, n in zip(boxes, num_pos, strict=True)],
+        [torch.arange(n) for n in num_pos], [t[:n] for t, n in zip(gts, num_pos, strict=True)],
+    )  # fmt: skip
+    feats = torch.randn(10, 4, 2, 2, generator=g, dtype=torch.float64)
+    cls_score, bbox_pred = head(feats)
+    losses = head.loss(cls_score, bbox_pred, sampled)
+
+    all_boxes = torch.cat(boxes)
+    ce, l1 = 0.0, 0.0
+    for k in range(10):
+        row = cls_score[k].tolist()
+        top = max(row)
+        ce += -(row[labels[k]] - top - math.log(sum(math.exp(v - top) for v in row)))
+        if labels[k] == num_classes:
+            continue
+        image, j = (0, k) if k < 5 else (1, k - 5)
+        px1, py1, px2, py2 = all_boxes[k].tolist()
+        gx1, gy1, gx2, gy2 = gts[image][j].tolist()
+        pw, ph, gw, gh = px2 - px1, py2 - py1, gx2 - gx1, gy2 - gy1
+        target = [
+            ((gx1 + gx2) / 2 - (px1 + px2) / 2) / pw,
+            ((gy1 + gy2) / 2 - (py1 + py2) / 2) / ph,
+            math.log(gw / pw),
+            math.log(gh / ph),
+        ]
+        column = 0 if class_agnostic else int(labels[k])
+        pred = bbox_pred[k, 4 * column : 4 * column + 4].tolist()
+        l1 += sum(
+            abs(p - (t - m) / s) for p, t, m, s in zip(pred, target, means, stds, strict=True)
+        )
+    assert losses["loss_cls"].item() == pytest.approx(1.5 * ce / 10, rel=1e-12)
+    assert losses["loss_bbox"].item() == pytest.approx(2.0 * l1 / 10, rel=1e-12)
+
+    # Decoding the encoded GT recovers it, for every class column.
+    from instseg.ops import encode_deltas
+
+    deltas = encode_deltas(boxes[0][:2], gts[0][:2], means, stds)
+    pred = deltas.repeat(1, 1 if class_agnostic else num_classes)
+    decoded = head.decode(boxes[0][:2], pred, (1000, 1000))
+    assert decoded.shape == (2, num_classes, 4)
+    torch.testing.assert_close(decoded, gts[0][:2, None].expand(-1, num_classes, 4))
