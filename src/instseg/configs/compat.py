@@ -108,6 +108,7 @@ def _upgrade_roi_head(old: dict, width: int) -> dict:
             "loss_weight": mask_weight,
         }
     return {
+        "kind": "standard",
         **old,
         "box_extractor": _upgrade_extractor(box_extractor),
         "box_head": box_head,

@@ -96,7 +96,6 @@ def mask_rcnn_r101_fpn_1x_coco() -> ExperimentConfig:
 def _rcnn_r18_fpn_small(name: str, description: str, with_mask: bool) -> ExperimentConfig:
     """ResNet-18 (half width) FPN from scratch, short side about 320, a 2-conv mask head
     and 256 sampled RoIs per image: minutes on a CPU."""
-    channels = 64
     return ExperimentConfig(
         name=name,
         description=description,
@@ -111,7 +110,7 @@ def _rcnn_r18_fpn_small(name: str, description: str, with_mask: bool) -> Experim
                 base_width=32,
                 zero_init_residual=False,
             ),
-            neck=FPNConfig(out_channels=channels),
+            neck=FPNConfig(out_channels=64),  # every other width follows it
             rpn=RPNConfig(
                 train_nms_pre=1000,
                 train_max_per_image=500,

@@ -17,7 +17,7 @@ from ...structures import ImageBatch, ImageInfo, Instances, InstanceTargets, Tra
 from ..backbone import ResNetConfig
 from ..dense_heads import RPNConfig, RPNHead
 from ..neck import FPNConfig
-from ..roi import RoIHeadConfig, StandardRoIHead
+from ..roi import RoIHeadConfig
 from .base import PyramidDetector
 
 
@@ -27,6 +27,7 @@ class TwoStageConfig:
     backbone: ResNetConfig = field(default_factory=ResNetConfig)
     neck: FPNConfig = field(default_factory=FPNConfig)
     rpn: RPNConfig = field(default_factory=RPNConfig)
+    # A cascade RoI head joins here: ``RoIHeadConfig | CascadeRoIHeadConfig``.
     roi_head: RoIHeadConfig = field(default_factory=RoIHeadConfig)
 
     @property
@@ -49,7 +50,7 @@ class TwoStageDetector(PyramidDetector):
         self.cfg = cfg
         self.num_classes = num_classes
         self.rpn_head = RPNHead(cfg.rpn, self.feature_specs)
-        self.roi_head = StandardRoIHead(cfg.roi_head, self.feature_specs, num_classes)
+        self.roi_head = cfg.roi_head.build(self.feature_specs, num_classes)
         self.with_masks = self.roi_head.with_mask
 
     def forward(

@@ -14,6 +14,7 @@ A cascade RoI head drives the same parts stage by stage.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +35,11 @@ MaskHeadChoice = FCNMaskHeadConfig | RefineMaskHeadConfig
 
 @dataclass
 class RoIHeadConfig:
-    """Box branch, optional mask branch (``mask_head=None``: Faster R-CNN), sampling, and
-    the test-time settings. Each branch's extractor pools at the size its head asks for."""
+    """The single-stage RoI head (``kind="standard"``): box branch, optional mask branch
+    (``mask_head=None``: Faster R-CNN), sampling, and the test-time settings. Each branch's
+    extractor pools at the size its head asks for."""
 
+    kind: Literal["standard"] = "standard"
     box_extractor: RoIExtractorChoice = field(default_factory=RoIExtractorConfig)
     box_head: BoxHeadConfig = field(default_factory=BoxHeadConfig)
     mask_extractor: RoIExtractorChoice = field(default_factory=RoIExtractorConfig)
@@ -51,6 +54,9 @@ class RoIHeadConfig:
     def __post_init__(self) -> None:
         if self.max_per_image <= 0:
             raise ValueError(f"roi_head.max_per_image must be positive, got {self.max_per_image}")
+
+    def build(self, in_specs: list[FeatureSpec], num_classes: int) -> StandardRoIHead:
+        return StandardRoIHead(self, in_specs, num_classes)
 
 
 class StandardRoIHead(nn.Module):
