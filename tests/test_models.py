@@ -284,3 +284,34 @@ def test_box_head_loss_and_decode_match_loop_references(class_agnostic):
     decoded = head.decode(boxes[0][:2], pred, (1000, 1000))
     assert decoded.shape == (2, num_classes, 4)
     torch.testing.assert_close(decoded, gts[0][:2, None].expand(-1, num_classes, 4))
+
+
+def test_sample_rois_marks_the_gt_boxes_it_joined_and_keeps_positives_first():
+    from instseg.modeling.anchors import SamplerConfig
+    from instseg.modeling.roi import sample_rois
+
+    torch.manual_seed(0)
+    _, targets = toy_batch()
+    g = torch.Generator().manual_seed(0)
+    proposals = [torch.rand(40, 2, generator=g) * 60 for _ in targets]
+    proposals = [torch.cat([p, p + 20], 1) for p in proposals]
+    sampled = sample_rois(proposals, targets, AssignerConfig(), SamplerConfig(num=16), 3)
+    offset = 0
+    for i, target in enumerate(targets):
+        boxes, is_gt = sampled.boxes[i], sampled.is_gt[i]
+        num_pos = len(sampled.pos_boxes[i])
+        assert torch.equal(boxes[:num_pos], sampled.pos_boxes[i])
+        # A sampled RoI marked is_gt is one of the image's GT boxes (the proposals here
+        # never coincide with one); every GT box is a positive of itself (IoU 1).
+        is_a_gt = (boxes[:, None] == target.boxes[None]).all(-1).any(-1)
+        assert torch.equal(is_gt, is_a_gt)
+        labels = sampled.labels[offset : offset + len(boxes)]
+        assert torch.equal(labels[:num_pos], target.labels[sampled.pos_gt_index[i]])
+        assert (labels[num_pos:] == 3).all()
+        offset += len(boxes)
+    assert sampled.rois.shape == (sum(len(b) for b in sampled.boxes), 5)
+    torch.manual_seed(0)
+    no_gt = sample_rois(
+        proposals, targets, AssignerConfig(), SamplerConfig(num=16, add_gt_as_proposals=False), 3
+    )
+    assert not any(m.any() for m in no_gt.is_gt)

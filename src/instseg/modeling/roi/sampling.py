@@ -22,8 +22,9 @@ class SampledRoIs:
     """The sampled RoIs of a batch: per image the positives first, then the negatives.
 
     ``labels`` covers every sampled RoI of every image (``num_classes`` = background);
-    ``pos_*`` are per image: the positive boxes, the index of their GT in that image's
-    targets, and that GT's box.
+    ``is_gt`` marks, per image, the sampled RoIs that are GT boxes joined to the proposals
+    (a cascade drops them before refining); ``pos_*`` are per image: the positive boxes, the
+    index of their GT in that image's targets, and that GT's box.
     """
 
     boxes: list[Tensor]
@@ -32,6 +33,7 @@ class SampledRoIs:
     pos_boxes: list[Tensor]
     pos_gt_index: list[Tensor]
     pos_gt_boxes: list[Tensor]
+    is_gt: list[Tensor] | None = None
 
     @property
     def rois(self) -> Tensor:
@@ -56,10 +58,12 @@ def sample_rois(
 ) -> SampledRoIs:
     """Per image: the GT boxes join the proposals (``add_gt_as_proposals``), MaxIoU
     assignment (crowd regions ignored), then random positives and negatives (global RNG)."""
-    boxes, labels, pos_boxes, pos_gt_index, pos_gt_boxes = [], [], [], [], []
+    boxes, labels, pos_boxes, pos_gt_index, pos_gt_boxes, is_gt = [], [], [], [], [], []
     for props, target in zip(proposals, targets, strict=True):
+        num_gt = 0
         if sampler.add_gt_as_proposals and len(target) > 0:
             props = torch.cat([target.boxes, props])
+            num_gt = len(target)
         assigned = assign(props, target.boxes, assigner, target.ignore_boxes)
         pos, neg = sample(assigned, sampler.num, sampler.pos_fraction)
         gt_index = assigned[pos] - 1
@@ -69,4 +73,7 @@ def sample_rois(
         pos_boxes.append(props[pos])
         pos_gt_index.append(gt_index)
         pos_gt_boxes.append(target.boxes[gt_index])
-    return SampledRoIs(boxes, torch.cat(labels), num_classes, pos_boxes, pos_gt_index, pos_gt_boxes)
+        is_gt.append(torch.cat([pos, neg]) < num_gt)
+    return SampledRoIs(
+        boxes, torch.cat(labels), num_classes, pos_boxes, pos_gt_index, pos_gt_boxes, is_gt
+    )
