@@ -168,8 +168,8 @@ def set_value(cfg: Any, dotted: str, value: Any) -> None:
         if i < len(parts) - 1:
             child = getattr(obj, part)
             section = ".".join(parts[: i + 1])
-            if child is None and _variants(_hints(obj)[part]):
-                tags = _variants(_hints(obj)[part]) or {}
+            tags = _variants(_hints(obj)[part]) if child is None else None
+            if tags:
                 raise ConfigError(
                     f"unknown key {dotted!r}: {section} is none; choose one first "
                     f"({section}={'|'.join(tags)})"

@@ -91,7 +91,6 @@ class GenericRoIExtractor(nn.Module):
 
     def __init__(self, cfg: GRoIEConfig, in_specs: list[FeatureSpec], output_size: int) -> None:
         super().__init__()
-        groie = cfg
         self.cfg = cfg
         self.pooler = LevelPooler(cfg, in_specs, output_size)
         self.output_size = output_size
@@ -99,23 +98,23 @@ class GenericRoIExtractor(nn.Module):
         self.num_levels = len(self.pooler.levels)
         self.pre_module: nn.Module | None = None
         width = in_channels
-        if groie.pre == "conv":
-            self.pre_module = groie.pre_conv.build(in_channels)
+        if cfg.pre == "conv":
+            self.pre_module = cfg.pre_conv.build(in_channels)
             width = self.pre_module.conv.out_channels
-        if groie.aggregation == "concat":
+        if cfg.aggregation == "concat":
             if width != in_channels:
                 raise ValueError(
-                    "groie.aggregation='concat' counts channels before the pre-module, so "
-                    f"groie.pre_conv.out_channels must keep the width {in_channels}, got {width}"
+                    "GRoIE aggregation='concat' counts channels before the pre-module, so "
+                    f"pre_conv.out_channels must keep the width {in_channels}, got {width}"
                 )
             width = in_channels * self.num_levels
         # One level is only pooled (see forward), so its width is the input's.
         self.out_channels = width if self.num_levels > 1 else in_channels
         self.post_module: nn.Module | None = None
-        if groie.post == "attention":
-            self.post_module = groie.attention.build(width)
-        elif groie.post == "non_local":
-            self.post_module = groie.non_local.build(width)
+        if cfg.post == "attention":
+            self.post_module = cfg.attention.build(width)
+        elif cfg.post == "non_local":
+            self.post_module = cfg.non_local.build(width)
 
     def forward(
         self, feats: Features, rois: Tensor, roi_scale_factor: float | None = None
