@@ -89,7 +89,10 @@ def checkpoint_config(weights: str | Path) -> ExperimentConfig:
     """The config stored in the checkpoint json next to ``weights`` (``model_final.json``
     beside ``model_final.safetensors``): what the weights were trained with, so eval and
     predict need no config file. Configs saved in the first format are upgraded."""
-    meta_path, state = _checkpoint_state(Path(weights))
+    return _stored_config(*_checkpoint_state(Path(weights)))
+
+
+def _stored_config(meta_path: Path, state: dict) -> ExperimentConfig:
     if "config" not in state:
         raise DataError(f"{meta_path} records no config: name one (a zoo name or a .json file)")
     return config_from_dict(state["config"])
@@ -102,9 +105,9 @@ def load_trained(
     json. ``cfg``, when given, replaces the stored config (e.g. to change test settings);
     the detection cap is raised to ``max_dets`` (default: the config's ``eval.max_dets``)."""
     weights = Path(weights)
-    if cfg is None:
-        cfg = checkpoint_config(weights)
     meta_path, state = _checkpoint_state(weights)
+    if cfg is None:
+        cfg = _stored_config(meta_path, state)
     if "categories" not in state:
         raise DataError(f"{meta_path} records no categories")
     categories = [Category(int(i), str(n)) for i, n in state["categories"]]

@@ -78,13 +78,9 @@ def _upgrade_roi_head(old: dict, width: int) -> dict:
     _expect(box_head.pop("roi_size", box_size), box_size, "model.roi_head.box_head.roi_size")
     box_head["roi_size"] = box_size
     box_head.pop("in_channels", None)  # checked against the extractor by the old code
-    for name, new_name in (
-        ("target_stds", "target_stds"),
-        ("loss_cls_weight", "loss_cls_weight"),
-        ("loss_bbox_weight", "loss_bbox_weight"),
-    ):
+    for name in ("target_stds", "loss_cls_weight", "loss_bbox_weight"):  # now the box head's
         if name in old:
-            box_head[new_name] = old.pop(name)
+            box_head[name] = old.pop(name)
     with_mask = old.pop("with_mask", True)
     kind = old.pop("mask_head_kind", "fcn")
     fcn = dict(old.pop("mask_head", {}))

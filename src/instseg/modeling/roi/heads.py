@@ -79,9 +79,7 @@ class Shared2FCBoxHead(nn.Module):
             encode_deltas(boxes, gt, cfg.target_means, cfg.target_stds)
             for boxes, gt in zip(sampled.pos_boxes, sampled.pos_gt_boxes, strict=True)
         ]
-        is_pos = sampled.is_pos
-        pos_pred = self._deltas(bbox_pred)[is_pos]
-        pos_pred = select_class(pos_pred, sampled.labels[is_pos])
+        pos_pred = select_class(self._deltas(bbox_pred)[sampled.is_pos], sampled.pos_labels)
         return {
             "loss_cls": cfg.loss_cls_weight * F.cross_entropy(cls_score, sampled.labels),
             "loss_bbox": cfg.loss_bbox_weight

@@ -39,7 +39,9 @@ class RoIPoolingConfig:
 class LevelPooler:
     """The levels an extractor reads (names, strides, one width) and its pooling call."""
 
-    def __init__(self, cfg: RoIPoolingConfig, in_specs: list[FeatureSpec], output_size: int):
+    def __init__(
+        self, cfg: RoIPoolingConfig, in_specs: list[FeatureSpec], output_size: int
+    ) -> None:
         if output_size <= 0:
             raise ValueError(f"roi extractor output size must be positive, got {output_size}")
         specs = select_specs(in_specs, cfg.levels, "roi extractor levels")
