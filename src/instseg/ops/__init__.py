@@ -6,17 +6,16 @@ official Precise RoI Pooling API.
 """
 
 from .boxes import (
-    batched_nms,
     box_area,
     box_convert,
     box_iou,
     clip_boxes_to_image,
     decode_deltas,
     encode_deltas,
-    nms,
     remove_small_boxes,
 )
 from .masks import paste_masks_in_image
+from .nms import batched_nms, nms
 from .prroi_pool import PrRoIPool2D, prroi_pool2d
 from .roi_align import RoIAlign, roi_align
 from .roi_pool import RoIPool, roi_pool
