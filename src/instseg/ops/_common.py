@@ -15,6 +15,22 @@ from torch import Tensor
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+class ArgumentAssertionError(ValueError, AssertionError):
+    """A bad argument where torchvision fails an assertion (``torch._assert``).
+
+    Catchable as our ``ValueError`` and as the ``AssertionError`` code written against
+    torchvision expects.
+    """
+
+
+class ArgumentRuntimeError(ValueError, RuntimeError):
+    """A bad argument where torchvision's compiled kernel raises (``TORCH_CHECK``).
+
+    Catchable as our ``ValueError`` and as the ``RuntimeError`` code written against
+    torchvision expects.
+    """
+
+
 def pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     """``value`` as a ``(height, width)`` pair of positive ints."""
     if isinstance(value, int):
