@@ -26,7 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import as_rois, bags_to_nchw, check_feature_map, empty_output, pair
+from ._common import (
+    ArgumentAssertionError,
+    as_rois,
+    bags_to_nchw,
+    check_feature_map,
+    check_float,
+    empty_output,
+    pair,
+)
 
 
 def _accumulation_dtype(device: torch.device) -> torch.dtype:
@@ -122,13 +130,15 @@ def prroi_pool2d(
         pooled_height, pooled_width: bins per RoI.
         spatial_scale: factor from RoI coordinates to feature-map coordinates (e.g. 1/16).
     """
-    check_feature_map(features, "features")
-    rois = as_rois(rois, features, "rois")
+    # The official code asserts float features and rois: its dtype errors are AssertionErrors.
+    check_feature_map(features, "features", dtype_error=ArgumentAssertionError)
+    rois = as_rois(rois, features, "rois", dtype_error=ArgumentAssertionError)
     ph, pw = pair((pooled_height, pooled_width), "(pooled_height, pooled_width)")
+    spatial_scale = check_float(spatial_scale, "spatial_scale")
     _, channels, height, width = features.shape
     k = rois.shape[0]
-    if k == 0:
-        return empty_output(features, channels, ph, pw)
+    if k == 0 or channels == 0:
+        return empty_output(features, k, channels, ph, pw)
 
     acc = _accumulation_dtype(features.device)
     table = _PrefixSumTable.apply(features, acc)

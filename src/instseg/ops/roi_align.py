@@ -20,10 +20,14 @@ from torch import Tensor, nn
 
 from ._common import (
     as_rois,
+    autocast_enabled,
     bag_offsets,
     bags_to_nchw,
     channels_last_table,
+    check_bool,
     check_feature_map,
+    check_float,
+    check_int,
     compute_dtype,
     empty_output,
     pair,
@@ -115,22 +119,26 @@ def roi_align(
     """Pool ``(K, C, PH, PW)`` features for each RoI, as ``torchvision.ops.roi_align``.
 
     Args:
-        input: feature map ``(B, C, H, W)``; float16/bfloat16 are computed in float32.
-        boxes: ``(K, 5)`` RoIs ``(batch_idx, x1, y1, x2, y2)`` or a list of ``(L_i, 4)`` boxes.
+        input: feature map ``(B, C, H, W)``; float16/bfloat16 are computed in float32 and
+            returned in their dtype.
+        boxes: ``(K, 5)`` RoIs ``(batch_idx, x1, y1, x2, y2)`` or a list of ``(L_i, 4)`` boxes,
+            in ``input``'s dtype (float32 RoIs are also accepted with float16/bfloat16 input,
+            and under autocast any mix of float16, bfloat16 and float32, as torchvision).
         output_size: ``PH`` or ``(PH, PW)``.
         spatial_scale: factor from box coordinates to feature-map coordinates.
         sampling_ratio: samples per bin along each axis; ``<= 0`` means ``ceil(roi_size / bins)``.
         aligned: shift box coordinates by -0.5 pixel (the pixel-centre model of Detectron2).
     """
     check_feature_map(input)
-    rois = as_rois(boxes, input)
+    rois = as_rois(boxes, input, mixed_dtypes=autocast_enabled(input.device))
     ph, pw = pair(output_size, "output_size")
-    if not isinstance(sampling_ratio, int):
-        raise ValueError(f"sampling_ratio must be an int, got {sampling_ratio!r}")
+    spatial_scale = check_float(spatial_scale, "spatial_scale")
+    sampling_ratio = check_int(sampling_ratio, "sampling_ratio")
+    aligned = check_bool(aligned, "aligned")
     _, channels, height, width = input.shape
     k = rois.shape[0]
-    if k == 0:
-        return empty_output(input, channels, ph, pw)
+    if k == 0 or channels == 0:
+        return empty_output(input, k, channels, ph, pw)
 
     dtype = compute_dtype(input.dtype)
     device = input.device
@@ -189,7 +197,8 @@ class RoIAlign(nn.Module):
         aligned: bool = False,
     ) -> None:
         super().__init__()
-        self.output_size = pair(output_size, "output_size")
+        pair(output_size, "output_size")  # fail at construction, not at the first call
+        self.output_size = output_size  # as given, like torchvision (and its repr)
         self.spatial_scale = spatial_scale
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned

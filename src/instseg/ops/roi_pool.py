@@ -16,11 +16,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._common import (
+    ArgumentRuntimeError,
     as_rois,
     bag_offsets,
     bags_to_nchw,
     channels_last_table,
     check_feature_map,
+    check_float,
     compute_dtype,
     empty_output,
     pair,
@@ -42,14 +44,20 @@ def roi_pool(
     output_size: int | tuple[int, int],
     spatial_scale: float = 1.0,
 ) -> Tensor:
-    """Max-pool ``(K, C, PH, PW)`` features for each RoI, as ``torchvision.ops.roi_pool``."""
-    check_feature_map(input)
+    """Max-pool ``(K, C, PH, PW)`` features for each RoI, as ``torchvision.ops.roi_pool``.
+
+    ``input`` is ``(B, C, H, W)`` (float16/bfloat16 are computed in float32 and returned in
+    their dtype); ``boxes`` are in its dtype (float32 RoIs are also accepted with
+    float16/bfloat16 input), as a ``(K, 5)`` tensor or a list of ``(L_i, 4)`` tensors.
+    """
+    check_feature_map(input, not_tensor=ArgumentRuntimeError)
     rois = as_rois(boxes, input)
     ph, pw = pair(output_size, "output_size")
+    spatial_scale = check_float(spatial_scale, "spatial_scale")
     _, channels, height, width = input.shape
     k = rois.shape[0]
-    if k == 0:
-        return empty_output(input, channels, ph, pw)
+    if k == 0 or channels == 0:
+        return empty_output(input, k, channels, ph, pw)
 
     dtype = compute_dtype(input.dtype)
     device = input.device
@@ -91,7 +99,8 @@ class RoIPool(nn.Module):
 
     def __init__(self, output_size: int | tuple[int, int], spatial_scale: float) -> None:
         super().__init__()
-        self.output_size = pair(output_size, "output_size")
+        pair(output_size, "output_size")  # fail at construction, not at the first call
+        self.output_size = output_size  # as given, like torchvision (and its repr)
         self.spatial_scale = spatial_scale
 
     def forward(self, input: Tensor, rois: Tensor | Sequence[Tensor]) -> Tensor:
