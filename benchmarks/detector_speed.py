@@ -1,17 +1,24 @@
 """Train iterations/s and inference images/s of a zoo detector, beside torchvision's.
 
-Random 800x1333 images with a few random boxes and masks (untrained weights are fine for
-speed). Where torchvision's detection models and ops load (a GPU machine), the same batch
-goes through ``torchvision.models.detection.maskrcnn_resnet50_fpn`` in the same run and the
-table shows the ours/theirs time ratio.
+Random 800x1333 images (padded to 800x1344 for ours) with 5 random boxes and masks each;
+random weights (speed does not depend on their values). Where torchvision's detection models
+and ops load (the torchvision environment of ``shared/DESIGN.md`` on CPU, or a GPU machine),
+the same batch goes through ``torchvision.models.detection.maskrcnn_resnet50_fpn`` in the same
+run and the table shows ours/theirs speed ratios (above 1: ours is faster).
+
+Inference is measured twice: with each library's default score threshold (random weights give
+no detection above 0.05, so this is the network without the mask branch), and with both score
+thresholds at 0 so that each image ends with exactly ``--dets`` boxes and masks, as a trained
+model's inference does (mask head, pasting into the image).
 
     python benchmarks/detector_speed.py [--config mask_rcnn_r50_fpn_1x_coco] [--device cpu]
-        [--batch 2] [--iters 3] [--json FILE]
+        [--batch 2] [--iters 3] [--dets 100] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 
@@ -19,6 +26,7 @@ import torch
 
 from _timing import median_seconds  # sibling module of this script
 from instseg.configs import get_config
+from instseg.configs.overrides import set_value
 from instseg.runner import build_model
 from instseg.structures import ImageBatch, ImageInfo, InstanceTargets
 
@@ -40,11 +48,15 @@ def random_targets(batch: int, num_classes: int, device: torch.device) -> list[I
     return targets
 
 
-def torchvision_model(device: torch.device):
+def torchvision_model(device: torch.device, dets: int | None):
+    """torchvision's Mask R-CNN R-50-FPN, or None where it does not load here. With ``dets``,
+    score threshold 0 and ``dets`` detections per image."""
     try:
         from torchvision.models.detection import maskrcnn_resnet50_fpn
 
-        model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).to(device)
+        kwargs = {} if dets is None else {"box_score_thresh": 0.0, "box_detections_per_img": dets}
+        torch.manual_seed(0)
+        model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, **kwargs).to(device)
         model.eval()
         with torch.no_grad():
             model([torch.zeros(3, 64, 64, device=device)])
@@ -60,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--dets", type=int, default=100, help="detections per image, 2nd mode")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -67,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = get_config(args.config)
     model = build_model(cfg, 80).to(device)
+    many = copy.deepcopy(cfg)
+    set_value(many, "model.roi_head.score_thr", 0.0)
+    set_value(many, "model.roi_head.max_per_image", args.dets)
+    model_many = build_model(many, 80).to(device)
+    model_many.load_state_dict(model.state_dict())
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     images = ImageBatch(
         torch.randn(args.batch, 3, HEIGHT, WIDTH, device=device),
@@ -79,23 +97,35 @@ def main(argv: list[str] | None = None) -> int:
         model.train()
         losses = model(images, targets)
         optimizer.zero_grad()
-        sum(losses.values()).backward()
+        sum(v for k, v in losses.items() if k.startswith("loss")).backward()
         optimizer.step()
 
-    def infer():
-        model.eval()
-        with torch.no_grad():
-            model.predict(images, infos)
+    def infer(net, counts=None):
+        def run():
+            net.eval()
+            with torch.no_grad():
+                results = net.predict(images, infos)
+            if counts is not None:
+                counts.append([len(r) for r in results])
 
-    rows = []
-    t_train = median_seconds(train_step, device, args.iters)
-    t_infer = median_seconds(infer, device, args.iters)
-    rows.append(
-        {"impl": "instseg", "train_it_per_s": 1 / t_train, "infer_img_per_s": args.batch / t_infer}
-    )
+        return run
 
-    tv = torchvision_model(device)
-    if tv is not None:
+    ours_counts: list[list[int]] = []
+    rows = [
+        {
+            "impl": "instseg",
+            "train_it_per_s": 1 / median_seconds(train_step, device, args.iters),
+            "infer_img_per_s": args.batch / median_seconds(infer(model), device, args.iters),
+            "infer_dets_img_per_s": args.batch
+            / median_seconds(infer(model_many, ours_counts), device, args.iters),
+            "dets_per_image": ours_counts[-1],
+        }
+    ]
+
+    tv = torchvision_model(device, None)
+    tv_many = torchvision_model(device, args.dets)
+    if tv is not None and tv_many is not None:
+        tv_many.load_state_dict(tv.state_dict())
         tv_images = [images.tensor[i, :, :, :1333] for i in range(args.batch)]
         tv_targets = [
             {
@@ -114,34 +144,50 @@ def main(argv: list[str] | None = None) -> int:
             sum(losses.values()).backward()
             tv_optim.step()
 
-        def tv_infer():
-            tv.eval()
-            with torch.no_grad():
-                tv(tv_images)
+        def tv_infer(net, counts=None):
+            def run():
+                net.eval()
+                with torch.no_grad():
+                    results = net(tv_images)
+                if counts is not None:
+                    counts.append([len(r["boxes"]) for r in results])
 
+            return run
+
+        tv_counts: list[list[int]] = []
         rows.append(
             {
                 "impl": "torchvision",
                 "train_it_per_s": 1 / median_seconds(tv_train, device, args.iters),
-                "infer_img_per_s": args.batch / median_seconds(tv_infer, device, args.iters),
+                "infer_img_per_s": args.batch / median_seconds(tv_infer(tv), device, args.iters),
+                "infer_dets_img_per_s": args.batch
+                / median_seconds(tv_infer(tv_many, tv_counts), device, args.iters),
+                "dets_per_image": tv_counts[-1],
             }
         )
 
     print(
         f"{args.config} on {device}, batch {args.batch}, {HEIGHT}x1333, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
+        f"{torch.get_num_threads()} threads, median of {args.iters}"
     )
-    print(f"{'impl':12s} {'train it/s':>11s} {'infer img/s':>12s}")
+    dets = f"img/s {args.dets} dets"
+    print(f"{'impl':12s} {'train it/s':>11s} {'infer img/s':>12s} {dets:>17s}  dets/image")
     for row in rows:
-        print(f"{row['impl']:12s} {row['train_it_per_s']:11.3f} {row['infer_img_per_s']:12.3f}")
-    if len(rows) == 2:
         print(
-            f"{'ratio':12s} {rows[0]['train_it_per_s'] / rows[1]['train_it_per_s']:11.2f} "
-            f"{rows[0]['infer_img_per_s'] / rows[1]['infer_img_per_s']:12.2f}  (ours / torchvision)"
+            f"{row['impl']:12s} {row['train_it_per_s']:11.3f} {row['infer_img_per_s']:12.3f} "
+            f"{row['infer_dets_img_per_s']:17.3f}  {row['dets_per_image']}"
         )
+    if len(rows) == 2:
+        ours, theirs = rows
+        ratios = {k: ours[k] / theirs[k] for k in ours if k.endswith("_per_s")}
+        print(
+            f"{'ratio':12s} {ratios['train_it_per_s']:11.2f} {ratios['infer_img_per_s']:12.2f} "
+            f"{ratios['infer_dets_img_per_s']:17.2f}  (ours / torchvision speed)"
+        )
+        rows.append({"impl": "ratio", **ratios})
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump({"config": args.config, "batch": args.batch, "rows": rows}, f, indent=2)
     return 0
 
 

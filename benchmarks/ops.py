@@ -1,12 +1,14 @@
-"""Speed of instseg's RoI operators, side by side with torchvision's where those load.
+"""Speed of instseg's operators, side by side with torchvision's where those load.
 
 Times forward and forward+backward of roi_align (7x7 and 14x14, sampling 0 and 2), roi_pool
 and prroi_pool2d for 512 RoIs on a 256-channel 200x272 map (stride 4 of an 800x1088 image),
-the same RoIs pooled from FPN levels P2-P5 with the level mapping of spec §1.2, nms on 5000
-boxes and paste_masks_in_image for 300 masks on an 800x1333 image. Where
-``torchvision.ops`` loads (a GPU machine; its CPU ops do not load with our CPU torch), the
-same calls go through torchvision in the same run and the table shows ours/theirs time and
-the max abs difference. Writes the rows as JSON with ``--json``.
+the same RoIs pooled from FPN levels P2-P5 with the level mapping of spec §1.2; NMS on 5000
+boxes, 80 classes, 10 groups and the RPN's per-image case; paste_masks_in_image for 300
+masks on an 800x1333 image. Where ``torchvision.ops`` loads (its CPU kernels load in the
+torchvision environment of ``shared/DESIGN.md``, not with our CPU torch; its CUDA kernels on
+a GPU machine), the same calls go through torchvision in the same run: the table shows
+ours/theirs time and the max abs difference (for NMS: 0 when the kept boxes are the same).
+Writes the rows as JSON with ``--json``.
 
     python benchmarks/ops.py [--device cpu|cuda|all] [--repeat N] [--quick] [--json FILE]
 """
@@ -84,6 +86,81 @@ def multi_level(pool: Callable, feats: list[torch.Tensor], rois: torch.Tensor, s
         if idx.numel():
             out[idx] = pool(feat, rois[idx], 1.0 / STRIDES[level])
     return out
+
+
+def same_kept(ours: list[torch.Tensor], theirs: list[torch.Tensor], scores) -> bool:
+    """Same kept boxes in the same score order; boxes of tied scores may come in any order
+    (torchvision's sort is not stable, ours breaks ties by index)."""
+    for a, b, s in zip(ours, theirs, scores, strict=True):
+        if not (set(a.tolist()) == set(b.tolist()) and torch.equal(s[a], s[b])):
+            return False
+    return True
+
+
+def rpn_nms_inputs(nms_pre: int, device: torch.device, seed: int):
+    """What the RPN gives ``batched_nms`` for one 800x1344 image: per FPN level P2-P6 the top
+    ``nms_pre`` anchors (3 ratios, 8 strides wide) decoded with small deltas, scored high
+    near 12 random objects as a trained RPN does, and their level as the group."""
+    g = torch.Generator().manual_seed(seed)
+    size = torch.exp(torch.empty(12, 2).uniform_(math.log(32), math.log(400), generator=g))
+    centre = torch.rand(12, 2, generator=g) * torch.tensor([1344.0, 800.0])
+    objects = torch.cat([centre - size / 2, centre + size / 2], 1)
+    boxes, scores, levels = [], [], []
+    for level, stride in enumerate((4, 8, 16, 32, 64)):
+        ys, xs = torch.meshgrid(
+            torch.arange(0, 800, stride).float(),
+            torch.arange(0, 1344, stride).float(),
+            indexing="ij",
+        )
+        xy = torch.stack([xs.flatten(), ys.flatten()], 1).repeat_interleave(3, 0)
+        ratio = torch.tensor([0.5, 1.0, 2.0]).repeat(xy.shape[0] // 3)
+        half = 4 * stride * torch.stack([ratio.rsqrt(), ratio.sqrt()], 1)
+        anchors = torch.cat([xy - half, xy + half], 1)
+        anchors += torch.randn(anchors.shape, generator=g) * stride * 0.2
+        iou = ops.box_iou(anchors, objects).nan_to_num(0).max(1).values
+        score = torch.sigmoid(6 * iou - 3 + torch.randn(iou.shape, generator=g))
+        top = score.topk(min(nms_pre, score.numel())).indices
+        boxes.append(ops.clip_boxes_to_image(anchors[top], (800, 1344)))
+        scores.append(score[top])
+        levels.append(torch.full_like(top, level))
+    return torch.cat(boxes).to(device), torch.cat(scores).to(device), torch.cat(levels).to(device)
+
+
+def nms_cases(device: torch.device, tv, quick: bool):
+    """(case, ours, theirs or None, scores per call) for the NMS rows; each call returns the
+    list of kept indices of its NMS calls."""
+    n = 1000 if quick else 5000
+    boxes = random_rois(n, 1, device, seed=1)[:, 1:]
+    scores = torch.rand(n, generator=torch.Generator().manual_seed(1)).to(device)
+    classes = torch.randint(0, 80, (n,), generator=torch.Generator().manual_seed(2)).to(device)
+    groups = torch.arange(10, device=device).repeat_interleave(n // 5)
+    wide = random_rois(2 * n, 1, device, seed=3)[:, 1:]
+    wide_scores = torch.rand(2 * n, generator=torch.Generator().manual_seed(3)).to(device)
+    cases = [
+        (f"nms 0.7 ({n} boxes)", lambda lib: [lib.nms(boxes, scores, 0.7)], [scores]),
+        (
+            f"batched_nms 0.5 ({n} boxes, 80 classes)",
+            lambda lib: [lib.batched_nms(boxes, scores, classes, 0.5)],
+            [scores],
+        ),
+        (
+            f"batched_nms 0.7 (10 groups of {n // 5})",
+            lambda lib: [lib.batched_nms(wide, wide_scores, groups, 0.7)],
+            [wide_scores],
+        ),
+    ]
+    for nms_pre in (1000, 2000) if quick else (2000, 5000):
+        images = [rpn_nms_inputs(nms_pre, device, seed) for seed in (0, 1)]
+        cases.append(
+            (
+                f"RPN nms 0.7 ({nms_pre}/level, 5 levels, batch 2)",
+                lambda lib, images=images: [lib.batched_nms(b, s, lv, 0.7) for b, s, lv in images],
+                [s for _, s, _ in images],
+            )
+        )
+    for case, call, case_scores in cases:
+        ref = (lambda call=call: call(tv)) if tv is not None else None
+        yield case, (lambda call=call: call(ops)), ref, case_scores
 
 
 HEADER = f"{'dev':5s} {'case':38s} {'pass':8s} {'ours ms':>9s} {'tv ms':>9s} {'ratio':>6s}  diff"
@@ -176,17 +253,14 @@ def bench_device(device: torch.device, tv, args: argparse.Namespace) -> list[Row
     measure(rows, device, "prroi_pool2d 7x7 FPN P2-P5", ours, None, feats, repeat)
 
     # NMS and mask pasting have no backward.
-    n_boxes = 1000 if args.quick else 5000
-    boxes = random_rois(n_boxes, 1, device, seed=1)[:, 1:]
-    scores = torch.rand(n_boxes, generator=g).to(device)
-    case = f"nms 0.7 ({n_boxes} boxes)"
-    t_ours = timeit(lambda: ops.nms(boxes, scores, 0.7), device, repeat)
-    t_ref = same = None
-    if tv:
-        t_ref = timeit(lambda: tv.nms(boxes, scores, 0.7), device, repeat)
-        same = float(not torch.equal(ops.nms(boxes, scores, 0.7), tv.nms(boxes, scores, 0.7)))
-    ratio = t_ours / t_ref if t_ref is not None else None
-    report(rows, Row(device.type, case, "fwd", t_ours, t_ref, ratio, same))
+    for case, ours, ref, scores in nms_cases(device, tv, args.quick):
+        t_ours = timeit(ours, device, repeat)
+        t_ref = same = None
+        if ref is not None:
+            t_ref = timeit(ref, device, repeat)
+            same = float(not same_kept(ours(), ref(), scores))
+        ratio = t_ours / t_ref if t_ref is not None else None
+        report(rows, Row(device.type, case, "fwd", t_ours, t_ref, ratio, same))
 
     n_masks = 30 if args.quick else 300
     masks = torch.rand(n_masks, 1, 28, 28, generator=g).to(device)
