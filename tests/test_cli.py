@@ -275,3 +275,14 @@ def test_detector_demo_end_to_end_and_rerun_reuses_the_run(tmp_path):
     assert saved == json.loads(json.dumps(metrics))
     again = run_demo(tmp_path, overrides=overrides, num_train=6, num_val=3)
     assert again == metrics
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["train", "cfg"], ["demo"], ["eval", "--checkpoint", "w", "--ann", "a", "--images", "i"]],
+)
+def test_repeated_set_flags_accumulate(command):
+    # argparse's plain nargs="+" keeps only the last --set: the others were silently lost.
+    args = parse_args([*command, "--set", "a=1", "b=2", "--set", "c=3"])
+    assert args.set == ["a=1", "b=2", "c=3"]
+    assert parse_args(command).set == []

@@ -171,9 +171,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set",
         nargs="+",
+        action="extend",
         default=[],
         metavar="KEY=VALUE",
-        help="override config fields by dotted key, e.g. model.backbone.weights=r50.pth",
+        help="override config fields by dotted key, e.g. model.backbone.weights=r50.pth "
+        "(repeatable: --set a=1 --set b=2 is --set a=1 b=2)",
     )
     parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
 
@@ -263,7 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--work-dir", default="work_dirs/demo", help="output folder (default: %(default)s)"
     )
     demo.add_argument("--seed", type=int, default=0, help="dataset seed (default: %(default)s)")
-    demo.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
+    demo.add_argument(
+        "--set",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides (repeatable)",
+    )
     demo.add_argument(
         "--ops", action="store_true", help="run the quick operator tour instead (seconds)"
     )
