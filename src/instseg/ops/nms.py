@@ -113,7 +113,8 @@ def _sweep_edges(boxes: Tensor, groups: Tensor | None, thr: float) -> tuple[Tens
     overlaps (its IoU is 0 or NaN) and is left out, and two boxes can only overlap if each
     width is more than ``t`` times the other: the boxes are binned by log-width in steps of
     ``1 / t``, and each box meets the boxes of its own bin and, as a "shadow" copy, those of
-    the next bin up. Inside a (group, bin) the sweep windows hold only similar widths.
+    the next bin up. Inside a (group, bin) the sweep windows hold only similar widths. Two
+    shadows of the same bin meet again as two home boxes: a repeated edge, harmless.
     """
     device = boxes.device
     width = boxes[:, 2] - boxes[:, 0]
@@ -126,7 +127,6 @@ def _sweep_edges(boxes: Tensor, groups: Tensor | None, thr: float) -> tuple[Tens
     cell = torch.zeros_like(live)
     if groups is not None:
         cell = torch.unique(groups[live], return_inverse=True)[1]
-    home = torch.ones_like(live, dtype=torch.bool)
     if thr >= _MIN_BINNED_THRESHOLD:
         # Widened by 1e-4 so that float rounding never separates two boxes that overlap.
         step = math.log(1.0 / (thr * (1.0 - 1e-4)))
@@ -135,7 +135,6 @@ def _sweep_edges(boxes: Tensor, groups: Tensor | None, thr: float) -> tuple[Tens
         num_bins = int(bins.max()) + 2
         cell = torch.cat([cell * num_bins + bins, cell * num_bins + bins + 1])
         live, x1, width = live.repeat(2), x1.repeat(2), width.repeat(2)
-        home = torch.cat([home, ~home])
     # Sort key: x1, offset by cell so that cells occupy disjoint ranges of the key line.
     key = x1 - x1.min()
     # The window: x1_j - x1_i < (1 - t) w_i, widened to cover float rounding of the IoU.
@@ -149,15 +148,17 @@ def _sweep_edges(boxes: Tensor, groups: Tensor | None, thr: float) -> tuple[Tens
     counts = (end - torch.arange(1, n + 1, device=device)).clamp_(min=0)
     if int(counts.sum()) > max(_SWEEP_PAIRS_PER_BOX * n, _SWEEP_MIN_PAIRS):
         return None
+    # Candidate pairs as positions (first, second) in the sorted order; a pair of two shadow
+    # copies repeats a pair of home boxes, and the repeated edge changes nothing downstream.
     first, offset = ragged_arange(counts)
-    p = order[first]
-    q = order[first + 1 + offset]
-    if thr >= _MIN_BINNED_THRESHOLD:  # a pair of two shadows is met again as two home boxes
-        either_home = home[p] | home[q]
-        p, q = p[either_home], q[either_home]
-    i, j = live[p], live[q]
-    hit = _iou(boxes.index_select(0, i), boxes.index_select(0, j)) > thr
-    i, j = i[hit], j[hit]
+    second = first + offset + 1
+    box_index = live[order]
+    # Coordinates as rows (x1s, y1s, x2s, y2s): the pairwise arithmetic runs on contiguous rows.
+    coords = boxes.index_select(0, box_index).t().contiguous()
+    hit = _iou(coords.index_select(1, first).T, coords.index_select(1, second).T) > thr
+    pairs = hit.nonzero().squeeze(1)
+    i = box_index.index_select(0, first.index_select(0, pairs))
+    j = box_index.index_select(0, second.index_select(0, pairs))
     return torch.minimum(i, j), torch.maximum(i, j)
 
 
