@@ -3,8 +3,10 @@
 Random 800x1333 images (padded to 800x1344 for ours) with 5 random boxes and masks each;
 random weights (speed does not depend on their values). Where torchvision's detection models
 and ops load (the torchvision environment of ``shared/DESIGN.md`` on CPU, or a GPU machine),
-the same batch goes through ``torchvision.models.detection.maskrcnn_resnet50_fpn`` in the same
-run and the table shows ours/theirs speed ratios (above 1: ours is faster).
+the same batch goes through torchvision's Mask R-CNN R-50-FPN (``MaskRCNN`` on
+``resnet_fpn_backbone``) in the same run and the table shows ours/theirs speed ratios (above
+1: ours is faster). Both train as when fine-tuning from ImageNet weights: frozen BN, stem and
+first stage frozen.
 
 Inference is measured twice: with each library's default score threshold (random weights give
 no detection above 0.05, so this is the network without the mask branch), and with both score
@@ -49,14 +51,22 @@ def random_targets(batch: int, num_classes: int, device: torch.device) -> list[I
 
 
 def torchvision_model(device: torch.device, dets: int | None):
-    """torchvision's Mask R-CNN R-50-FPN, or None where it does not load here. With ``dets``,
-    score threshold 0 and ``dets`` detections per image."""
+    """torchvision's Mask R-CNN R-50-FPN as it is fine-tuned from ImageNet weights (frozen BN,
+    stem and layer1 frozen: ``trainable_layers=3``, the work of our ``frozen_stages=1``,
+    ``norm_eval``), with our 80 classes; None where it does not load here. With ``dets``,
+    score threshold 0 and ``dets`` detections per image. (``maskrcnn_resnet50_fpn`` without
+    weights would train every layer and its batch statistics: more work than ours.)"""
     try:
-        from torchvision.models.detection import maskrcnn_resnet50_fpn
+        from torchvision.models.detection import MaskRCNN
+        from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+        from torchvision.ops import FrozenBatchNorm2d
 
         kwargs = {} if dets is None else {"box_score_thresh": 0.0, "box_detections_per_img": dets}
         torch.manual_seed(0)
-        model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, **kwargs).to(device)
+        backbone = resnet_fpn_backbone(
+            backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d, trainable_layers=3
+        )
+        model = MaskRCNN(backbone, num_classes=81, **kwargs).to(device)
         model.eval()
         with torch.no_grad():
             model([torch.zeros(3, 64, 64, device=device)])
