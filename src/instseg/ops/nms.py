@@ -110,20 +110,30 @@ def _sweep_edges(boxes: Tensor, groups: Tensor | None, thr: float) -> tuple[Tens
     as (higher-ranked, lower-ranked) index pairs; None when the windows hold too many pairs.
 
     Needs ``thr >= 0`` and finite, non-inverted boxes. Then a box of zero width or height never
-    overlaps (its IoU is 0 or NaN) and is left out, and two boxes can only overlap if each
-    width is more than ``t`` times the other: the boxes are binned by log-width in steps of
-    ``1 / t``, and each box meets the boxes of its own bin and, as a "shadow" copy, those of
-    the next bin up. Inside a (group, bin) the sweep windows hold only similar widths. Two
-    shadows of the same bin meet again as two home boxes: a repeated edge, harmless.
+    overlaps (its IoU is 0 or NaN) and is left out, and two overlapping boxes satisfy, for
+    ``a`` the one with the smaller coordinate, ``x1_b - x1_a < (1 - t) w_a``, the same along y,
+    and each width is more than ``t`` times the other. So:
+
+    - the boxes are binned by log-width in steps of ``1 / t``; each box meets the boxes of its
+      own bin and, as a "shadow" copy, those of the next bin up (two shadows of the same bin
+      meet again as two home boxes: a repeated edge, harmless);
+    - inside a (group, bin) cell, boxes are cut into horizontal bands of height
+      ``(1 - t) * tallest``, so overlapping boxes are in the same or adjacent bands;
+    - sorted by (cell, band, x1), each box reads a window of its own band (``x1`` up to its
+      reach, later boxes only) and one of the next band (``x1`` within the cell's largest
+      reach before it, up to its own reach after it).
     """
     device = boxes.device
     width = boxes[:, 2] - boxes[:, 0]
-    live = torch.nonzero((width > 0) & (boxes[:, 3] > boxes[:, 1])).squeeze(1)
+    height = boxes[:, 3] - boxes[:, 1]
+    live = torch.nonzero((width > 0) & (height > 0)).squeeze(1)
     none = live[:0]
     if live.numel() < 2:
         return none, none
     x1 = boxes[live, 0].double()
+    y1 = boxes[live, 1].double()
     width = width[live].double()
+    height = height[live].double()
     cell = torch.zeros_like(live)
     if groups is not None:
         cell = torch.unique(groups[live], return_inverse=True)[1]
@@ -134,24 +144,42 @@ def _sweep_edges(boxes: Tensor, groups: Tensor | None, thr: float) -> tuple[Tens
         bins -= bins.min()
         num_bins = int(bins.max()) + 2
         cell = torch.cat([cell * num_bins + bins, cell * num_bins + bins + 1])
-        live, x1, width = live.repeat(2), x1.repeat(2), width.repeat(2)
-    # Sort key: x1, offset by cell so that cells occupy disjoint ranges of the key line.
-    key = x1 - x1.min()
-    # The window: x1_j - x1_i < (1 - t) w_i, widened to cover float rounding of the IoU.
+        live, x1, y1 = live.repeat(2), x1.repeat(2), y1.repeat(2)
+        width, height = width.repeat(2), height.repeat(2)
+    num_cells = int(cell.max()) + 1
+    # Reaches along x and y, widened to cover float rounding of the IoU.
     reach = (1.0 - thr) * width + 1e-4 * (width + x1.abs() + 1.0)
-    span = float(key.max()) + float(reach.max()) + 1.0
-    key += cell.double() * span
+    reach_y = (1.0 - thr) * height + 1e-4 * (height + y1.abs() + 1.0)
+    band_height = torch.zeros(num_cells, dtype=torch.float64, device=device)
+    band_height.scatter_reduce_(0, cell, reach_y, "amax")
+    cell_reach = torch.zeros(num_cells, dtype=torch.float64, device=device)
+    cell_reach.scatter_reduce_(0, cell, reach, "amax")
+    band = torch.floor((y1 - y1.min()) / band_height[cell]).long()
+    num_bands = int(band.max()) + 2
+    # Sort key: x1, offset by (cell, band) so that each occupies its own range of the line.
+    x = x1 - x1.min()
+    span = float(x.max()) + 2 * float(reach.max()) + 1.0
+    row = (cell * num_bands + band).double() * span
+    key = x + row
     order = torch.sort(key, stable=True).indices
-    key_sorted = key[order]
-    end = torch.searchsorted(key_sorted, key_sorted + reach[order], right=True)
+    key, x, row, reach = key[order], x[order], row[order], reach[order]
     n = key.numel()
-    counts = (end - torch.arange(1, n + 1, device=device)).clamp_(min=0)
-    if int(counts.sum()) > max(_SWEEP_PAIRS_PER_BOX * n, _SWEEP_MIN_PAIRS):
+    position = torch.arange(n, device=device)
+    # Own band: the boxes after this one up to its reach.
+    own_end = torch.searchsorted(key, key + reach, right=True)
+    own_counts = (own_end - position - 1).clamp_(min=0)
+    # Next band: from the cell's largest reach before this box to its own reach after it.
+    next_row = row + span
+    lo = torch.searchsorted(key, next_row + x - cell_reach[cell[order]])
+    hi = torch.searchsorted(key, next_row + x + reach, right=True)
+    next_counts = (hi - lo).clamp_(min=0)
+    if int(own_counts.sum() + next_counts.sum()) > max(_SWEEP_PAIRS_PER_BOX * n, _SWEEP_MIN_PAIRS):
         return None
-    # Candidate pairs as positions (first, second) in the sorted order; a pair of two shadow
-    # copies repeats a pair of home boxes, and the repeated edge changes nothing downstream.
-    first, offset = ragged_arange(counts)
-    second = first + offset + 1
+    # Candidate pairs as positions (first, second) in the sorted order.
+    first, offset = ragged_arange(torch.cat([own_counts, next_counts]))
+    start = torch.cat([position + 1, lo])
+    second = start[first] + offset
+    first = first % n
     box_index = live[order]
     # Coordinates as rows (x1s, y1s, x2s, y2s): the pairwise arithmetic runs on contiguous rows.
     coords = boxes.index_select(0, box_index).t().contiguous()
