@@ -120,16 +120,19 @@ def main(argv: list[str] | None = None) -> int:
 
         return run
 
+    def speed_row(impl: str, train, infer_default, infer_dets, counts) -> dict:
+        """One table row: the three timings (medians) and the last detection counts."""
+        return {
+            "impl": impl,
+            "train_it_per_s": 1 / median_seconds(train, device, args.iters),
+            "infer_img_per_s": args.batch / median_seconds(infer_default, device, args.iters),
+            "infer_dets_img_per_s": args.batch / median_seconds(infer_dets, device, args.iters),
+            "dets_per_image": counts[-1],
+        }
+
     ours_counts: list[list[int]] = []
     rows = [
-        {
-            "impl": "instseg",
-            "train_it_per_s": 1 / median_seconds(train_step, device, args.iters),
-            "infer_img_per_s": args.batch / median_seconds(infer(model), device, args.iters),
-            "infer_dets_img_per_s": args.batch
-            / median_seconds(infer(model_many, ours_counts), device, args.iters),
-            "dets_per_image": ours_counts[-1],
-        }
+        speed_row("instseg", train_step, infer(model), infer(model_many, ours_counts), ours_counts)
     ]
 
     tv = torchvision_model(device, None)
@@ -166,14 +169,9 @@ def main(argv: list[str] | None = None) -> int:
 
         tv_counts: list[list[int]] = []
         rows.append(
-            {
-                "impl": "torchvision",
-                "train_it_per_s": 1 / median_seconds(tv_train, device, args.iters),
-                "infer_img_per_s": args.batch / median_seconds(tv_infer(tv), device, args.iters),
-                "infer_dets_img_per_s": args.batch
-                / median_seconds(tv_infer(tv_many, tv_counts), device, args.iters),
-                "dets_per_image": tv_counts[-1],
-            }
+            speed_row(
+                "torchvision", tv_train, tv_infer(tv), tv_infer(tv_many, tv_counts), tv_counts
+            )
         )
 
     print(
