@@ -30,13 +30,6 @@ _AXIS_ALIGNED_FORMATS = ("xyxy", "xywh", "cxcywh")
 _ROTATED_FORMATS = ("xywhr", "cxcywhr", "xyxyxyxy")
 
 
-def _check_boxes(boxes: Tensor, name: str = "boxes") -> None:
-    """A ``(N, 4)`` tensor, else ``ValueError`` (the NMS argument check)."""
-    if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[-1] != 4:
-        shape = tuple(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__
-        raise ValueError(f"{name} must be a Tensor[N, 4] (x1, y1, x2, y2), got {shape}")
-
-
 def _check_box_columns(
     boxes: Tensor,
     name: str,

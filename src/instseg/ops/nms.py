@@ -7,11 +7,12 @@ computed with the operations of torchvision's kernel in their order
 
 Two exact ways to find the overlapping pairs, then one resolution of the greedy order:
 
-- *sweep* (the usual case): IoU > t needs an x-overlap larger than ``t`` times each width, so
-  with the boxes sorted by ``x1`` inside their group, box ``j`` can only overlap ``i`` if
-  ``x1_j - x1_i < (1 - t) w_i``. A sorted search gives every box its short window of
-  candidates; IoU is computed for those pairs only. The work grows with the number of nearby
-  similar boxes, not with the square of the count.
+- *sweep* (the usual case, :func:`_sweep_edges`): overlapping boxes have similar widths and
+  nearby corners (within ``(1 - t)`` of their size along x and along y), so with the boxes
+  binned by width and banded by height inside their group, and sorted by ``x1``, a sorted
+  search gives every box two short windows of candidates; IoU is computed for those pairs
+  only. The work grows with the number of nearby similar boxes, not with the square of the
+  count.
 - *blocked* (crowded inputs whose windows would hold too many pairs, negative thresholds,
   inverted or non-finite boxes): IoU of each block of 1024 boxes with itself and with the
   boxes kept so far, as dense matrices.
@@ -89,15 +90,14 @@ def _iou(a: Tensor, b: Tensor) -> Tensor:
     return inter.div_(area_a + area_b - inter)
 
 
-def _resolve(n: int, above: Tensor, below: Tensor, device: torch.device) -> Tensor:
+def _resolve(n: int, above: Tensor, below: Tensor) -> Tensor:
     """Keep mask of greedy NMS given the overlap edges ``above[k]`` (higher rank, smaller
     index) over ``below[k]``, by fixed-point iteration (see the module docstring)."""
-    keep = torch.ones(n, dtype=torch.bool, device=device)
+    keep = torch.ones(n, dtype=torch.bool, device=above.device)
     if above.numel() == 0:
         return keep
-    # Only the boxes that are the target of an edge can change; iterate on those.
     while True:
-        suppressed = torch.zeros(n, dtype=torch.bool, device=device)
+        suppressed = torch.zeros(n, dtype=torch.bool, device=above.device)
         suppressed[below[keep[above]]] = True
         updated = ~suppressed
         if torch.equal(updated, keep):
@@ -230,7 +230,7 @@ def _greedy_keep(boxes: Tensor, groups: Tensor | None, thr: float) -> Tensor:
     if _sweep_applies(boxes, thr):
         edges = _sweep_edges(boxes, groups, thr)
         if edges is not None:
-            return _resolve(n, *edges, boxes.device)
+            return _resolve(n, *edges)
     if groups is None:
         return _blocked_keep(boxes, thr)
     # Crowded groups: each group's boxes only meet each other (stable sort keeps score order).

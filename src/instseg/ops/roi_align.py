@@ -108,6 +108,40 @@ def _axis_taps(
     return pixels, weights, counts
 
 
+def roi_taps(
+    boxes: Tensor,
+    output_size: tuple[int, int],
+    map_size: tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
+    """RoIAlign's row and column taps (:func:`_axis_taps`) of ``(K, 4)`` xyxy ``boxes`` pooled
+    at ``output_size = (PH, PW)`` from a map of ``map_size = (H, W)``, with torchvision's
+    coordinate arithmetic and adaptive grid (``sampling_ratio <= 0``)."""
+    ph, pw = output_size
+    offset = 0.5 if aligned else 0.0
+    x1 = boxes[:, 0] * spatial_scale - offset
+    y1 = boxes[:, 1] * spatial_scale - offset
+    roi_w = boxes[:, 2] * spatial_scale - offset - x1
+    roi_h = boxes[:, 3] * spatial_scale - offset - y1
+    if not aligned:
+        roi_w = roi_w.clamp(min=1.0)
+        roi_h = roi_h.clamp(min=1.0)
+    if sampling_ratio > 0:
+        grid_h = torch.full(
+            (boxes.shape[0],), sampling_ratio, dtype=torch.long, device=boxes.device
+        )
+        grid_w = grid_h
+    else:
+        # An inverted aligned box has a negative size: no samples, the bin reads 0.
+        grid_h = torch.ceil(roi_h / ph).long().clamp(min=0)
+        grid_w = torch.ceil(roi_w / pw).long().clamp(min=0)
+    rows = _axis_taps(y1, roi_h / ph, grid_h, ph, map_size[0])
+    cols = _axis_taps(x1, roi_w / pw, grid_w, pw, map_size[1])
+    return rows, cols
+
+
 def roi_align(
     input: Tensor,
     boxes: Tensor | Sequence[Tensor],
@@ -141,27 +175,16 @@ def roi_align(
         return empty_output(input, k, channels, ph, pw)
 
     dtype = compute_dtype(input.dtype)
-    device = input.device
-    r = rois.detach().to(dtype)
-    offset = 0.5 if aligned else 0.0
-    x1 = r[:, 1] * spatial_scale - offset
-    y1 = r[:, 2] * spatial_scale - offset
-    roi_w = r[:, 3] * spatial_scale - offset - x1
-    roi_h = r[:, 4] * spatial_scale - offset - y1
-    if not aligned:
-        roi_w = roi_w.clamp(min=1.0)
-        roi_h = roi_h.clamp(min=1.0)
-    bin_w = roi_w / pw
-    bin_h = roi_h / ph
-    if sampling_ratio > 0:
-        grid_h = torch.full((k,), sampling_ratio, dtype=torch.long, device=device)
-        grid_w = grid_h
-    else:
-        # An inverted aligned box has a negative size: no samples, the bin reads 0.
-        grid_h = torch.ceil(roi_h / ph).long().clamp(min=0)
-        grid_w = torch.ceil(roi_w / pw).long().clamp(min=0)
-    rows, row_weights, row_counts = _axis_taps(y1, bin_h, grid_h, ph, height)
-    cols, col_weights, col_counts = _axis_taps(x1, bin_w, grid_w, pw, width)
+    rows_taps, cols_taps = roi_taps(
+        rois.detach().to(dtype)[:, 1:],
+        (ph, pw),
+        (height, width),
+        spatial_scale,
+        sampling_ratio,
+        aligned,
+    )
+    rows, row_weights, row_counts = rows_taps
+    cols, col_weights, col_counts = cols_taps
 
     # A bin is the outer product of its row taps and column taps: enumerate every pair of
     # every bin of every RoI as one ragged range, ordered (roi, ph, pw, row tap, col tap).

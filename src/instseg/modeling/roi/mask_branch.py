@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ...ops import clip_boxes_to_image
-from ...ops.roi_align import _axis_taps
+from ...ops.roi_align import roi_taps
 from ...structures import InstanceTargets
 from ..features import Features, FeatureSpec
 from .sampling import SampledRoIs
@@ -99,15 +99,9 @@ def crop_and_resize(masks: Tensor, index: Tensor, boxes: Tensor, size: int) -> T
     dtype = boxes.dtype
     if k == 0:
         return boxes.new_zeros((0, size, size))
-    # roi_align's coordinates (aligned, spatial scale 1) and adaptive grid.
-    x1 = boxes[:, 0] * 1.0 - 0.5
-    y1 = boxes[:, 1] * 1.0 - 0.5
-    roi_w = boxes[:, 2] * 1.0 - 0.5 - x1
-    roi_h = boxes[:, 3] * 1.0 - 0.5 - y1
-    grid_h = torch.ceil(roi_h / size).long().clamp(min=0)
-    grid_w = torch.ceil(roi_w / size).long().clamp(min=0)
-    row_weights, row_start, rows = _axis_matrix(y1, roi_h / size, grid_h, size, height)
-    col_weights, col_start, cols = _axis_matrix(x1, roi_w / size, grid_w, size, width)
+    row_taps, col_taps = roi_taps(boxes, (size, size), (height, width), 1.0, 0, True)
+    row_weights, row_start, rows = _axis_matrix(row_taps, height)
+    col_weights, col_start, cols = _axis_matrix(col_taps, width)
     out = boxes.new_zeros((k, size, size))
     order = torch.sort(rows * cols, descending=True, stable=True).indices
     start = 0
@@ -131,19 +125,17 @@ def crop_and_resize(masks: Tensor, index: Tensor, boxes: Tensor, size: int) -> T
     return out
 
 
-def _axis_matrix(
-    start: Tensor, bin_size: Tensor, grid: Tensor, bins: int, size: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """RoIAlign's weights along one axis as a dense ``(K, bins, extent)`` matrix over each
-    RoI's window of pixels ``first .. first + extent - 1``; returns (weights, first, extent)
-    with the per-RoI window start and length (at least 1)."""
-    pixels, weights, counts = _axis_taps(start, bin_size, grid, bins, size)
+def _axis_matrix(taps: tuple[Tensor, Tensor, Tensor], size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """RoIAlign's ``(pixels, weights, counts)`` taps along one axis of ``size`` pixels as a
+    dense ``(K, bins, extent)`` matrix over each RoI's window of pixels ``first .. first +
+    extent - 1``; returns (weights, first, extent), the window length at least 1."""
+    pixels, weights, counts = taps
     k, _, taps = pixels.shape
     used = torch.arange(taps, device=pixels.device) < counts[..., None]
     first = torch.where(used, pixels, size).amin((1, 2)).clamp(max=size - 1)
     last = torch.where(used, pixels, -1).amax((1, 2))
     extent = (last - first + 1).clamp(min=1)
     offset = torch.where(used, pixels - first[:, None, None], 0)
-    matrix = weights.new_zeros((k, bins, int(extent.max())))
+    matrix = weights.new_zeros((k, pixels.shape[1], int(extent.max())))
     matrix.scatter_add_(-1, offset, torch.where(used, weights, 0.0))
     return matrix, first, extent
