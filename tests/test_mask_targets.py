@@ -85,12 +85,20 @@ def test_channels_last_matches_nchw():
         model = build_model(cfg, 3)
         feats = model.features(images)
         assert feats["p2"].is_contiguous(memory_format=torch.channels_last) == channels_last
+        head_inputs = []
+        model.roi_head.mask_head.convs[0].register_forward_pre_hook(
+            lambda _, args, seen=head_inputs: seen.append(args[0])
+        )
         torch.manual_seed(1)
         losses = model(images, targets)
         model.eval()
         with torch.no_grad():
             dets = model.predict(images, infos)
         outputs[channels_last] = (losses, dets)
+        # The RoI features keep the maps' layout, so the mask head's convs run in it too.
+        assert len(head_inputs) == 2 and all(
+            x.is_contiguous(memory_format=torch.channels_last) == channels_last for x in head_inputs
+        )
     (l0, d0), (l1, d1) = outputs[False], outputs[True]
     assert l0.keys() == l1.keys()
     for key in l0:

@@ -132,6 +132,54 @@ def test_extractor_pools_each_roi_from_its_level(op):
         torch.testing.assert_close(out[:1], direct)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_extractor_keeps_the_maps_layout_and_backpropagates_like_indexing(channels_last):
+    """The level-sorted rows are put back in RoI order by a custom gather (forward and
+    backward): same values and feature gradients as plain indexing, bit for bit, and
+    channels-last maps give channels-last RoI features (the heads' convs stay NHWC)."""
+    g = torch.Generator().manual_seed(3)
+    specs = pyramid_specs(4, (4, 8, 16, 32))
+    feats = {
+        s.name: torch.randn(
+            2, 6, 256 // s.stride, 256 // s.stride, generator=g, dtype=torch.float64
+        )
+        for s in specs
+    }
+    if channels_last:
+        feats = {k: v.contiguous(memory_format=torch.channels_last) for k, v in feats.items()}
+    for v in feats.values():
+        v.requires_grad_(True)
+    sides = torch.tensor([300.0, 20, 130, 60, 700, 250, 90, 30])
+    rois = torch.cat(
+        [
+            torch.tensor([0.0, 1, 0, 1, 1, 0, 1, 0])[:, None],
+            torch.full((8, 2), 3.0),
+            3 + sides[:, None],
+            3 + sides[:, None] * 0.75,
+        ],
+        1,
+    )
+    rois = rois.double()
+    extractor = SingleRoIExtractor(RoIExtractorConfig(), specs, 3)
+    out = extractor(feats, rois)
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    weights = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((out * weights).sum(), list(feats.values()))
+    # Reference: each RoI pooled alone from its level, in RoI order, by the public op.
+    levels = map_roi_levels(rois, 4).tolist()
+    assert sorted(set(levels)) == [0, 1, 2, 3] and levels != sorted(levels)
+    expected = torch.cat(
+        [
+            roi_align(feats[specs[lv].name], rois[k : k + 1], 3, 1 / specs[lv].stride, 0, True)
+            for k, lv in enumerate(levels)
+        ]
+    )
+    assert torch.equal(out, expected)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), list(feats.values()))
+    for a, b in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def tiny_config(with_mask: bool = True, op: str = "roi_align") -> TwoStageConfig:
     """A narrow Mask (or Faster) R-CNN; every width follows the neck's 32 channels."""
     return TwoStageConfig(

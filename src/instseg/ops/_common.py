@@ -247,12 +247,16 @@ def channels_last_table(input: Tensor, dtype: torch.dtype) -> Tensor:
     return input.to(dtype).permute(0, 2, 3, 1).reshape(b * h * w, c)
 
 
-def bags_to_nchw(rows: Tensor, k: int, ph: int, pw: int, dtype: torch.dtype) -> Tensor:
-    """``(K*ph*pw, C)`` per-bin rows back to a contiguous ``(K, C, ph, pw)`` tensor."""
+def bags_to_nchw(
+    rows: Tensor, k: int, ph: int, pw: int, dtype: torch.dtype, channels_last: bool = False
+) -> Tensor:
+    """``(K*ph*pw, C)`` per-bin rows back to a ``(K, C, ph, pw)`` tensor: contiguous, or with
+    ``channels_last`` a channels-last view of the rows (no copy)."""
     c = rows.shape[-1]
-    return (
-        rows.view(k, ph, pw, c).permute(0, 3, 1, 2).to(dtype, memory_format=torch.contiguous_format)
-    )
+    nchw = rows.view(k, ph, pw, c).permute(0, 3, 1, 2)
+    if channels_last:
+        return nchw.to(dtype)
+    return nchw.to(dtype, memory_format=torch.contiguous_format)
 
 
 def ragged_arange(counts: Tensor) -> tuple[Tensor, Tensor]:

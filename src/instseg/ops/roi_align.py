@@ -149,6 +149,8 @@ def roi_align(
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
     aligned: bool = False,
+    *,
+    keep_format: bool = False,
 ) -> Tensor:
     """Pool ``(K, C, PH, PW)`` features for each RoI, as ``torchvision.ops.roi_align``.
 
@@ -162,6 +164,10 @@ def roi_align(
         spatial_scale: factor from box coordinates to feature-map coordinates.
         sampling_ratio: samples per bin along each axis; ``<= 0`` means ``ceil(roi_size / bins)``.
         aligned: shift box coordinates by -0.5 pixel (the pixel-centre model of Detectron2).
+        keep_format: return a channels-last output for a channels-last ``input``, as a
+            convolution would (a view of the pooled rows, no copy); by default the output is
+            contiguous, as torchvision's. The RoI heads use it so that a channels-last network
+            stays channels-last.
     """
     check_feature_map(input)
     rois = as_rois(boxes, input, mixed_dtypes=autocast_enabled(input.device))
@@ -206,7 +212,14 @@ def roi_align(
         per_sample_weights=weight,
         mode="sum",
     )
-    return bags_to_nchw(pooled, k, ph, pw, input.dtype)
+    return bags_to_nchw(
+        pooled,
+        k,
+        ph,
+        pw,
+        input.dtype,
+        keep_format and input.is_contiguous(memory_format=torch.channels_last),
+    )
 
 
 class RoIAlign(nn.Module):

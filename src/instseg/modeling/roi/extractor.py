@@ -71,8 +71,7 @@ class SingleRoIExtractor(nn.Module):
         if rois.shape[0] == 0:
             size = self.output_size
             return maps[0].new_zeros((0, maps[0].shape[1], size, size))
-        # Pool each level's RoIs in level order, then put the rows back in RoI order (a
-        # gather, whose backward keeps only the index, unlike an index_copy into zeros).
+        # Pool each level's RoIs in level order, then put the rows back in RoI order.
         target = map_roi_levels(rois, levels, self.cfg.finest_scale)
         order = torch.argsort(target, stable=True)
         counts = torch.bincount(target, minlength=levels).tolist()
@@ -83,9 +82,34 @@ class SingleRoIExtractor(nn.Module):
             )
             if level_rois.shape[0] > 0
         ]
+        return _Unsort.apply(torch.cat(parts), order)
+
+
+class _Unsort(torch.autograd.Function):
+    """``out[order] = pooled``: RoI features pooled in the level-sorted ``order`` put back in
+    RoI order. Both directions are gathers of whole rows (autograd's backward of an indexing
+    would be an accumulating scatter, several times slower for the same permutation), and a
+    channels-last layout is kept (plain indexing returns a contiguous copy, which would put
+    the heads back in NCHW)."""
+
+    @staticmethod
+    def forward(ctx, pooled: Tensor, order: Tensor) -> Tensor:  # type: ignore[override]
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        return torch.cat(parts)[inverse]
+        ctx.save_for_backward(order)
+        return _take_rows(pooled, inverse)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (order,) = ctx.saved_tensors
+        return _take_rows(grad, order), None
+
+
+def _take_rows(x: Tensor, index: Tensor) -> Tensor:
+    """``x[index]`` for ``(K, C, S, S)`` ``x``, channels-last in, channels-last out."""
+    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        return x[index]
+    return x.permute(0, 2, 3, 1)[index].permute(0, 3, 1, 2)
 
 
 def build_roi_extractor(

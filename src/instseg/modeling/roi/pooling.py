@@ -75,7 +75,7 @@ def pool_level(
     if op == "prroi_pool":
         return prroi_pool2d(feat, rois, output_size, output_size, scale)
     if op == "roi_align":
-        return roi_align(feat, rois, output_size, scale, sampling_ratio, aligned)
+        return roi_align(feat, rois, output_size, scale, sampling_ratio, aligned, keep_format=True)
     raise ValueError(f"roi op must be one of {ROI_OPS}, got {op!r}")
 
 
