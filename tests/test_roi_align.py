@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from instseg.ops import RoIAlign, roi_align
+from instseg.ops.roi_align import roi_align_keep_layout
 
 B, C, H, W = 2, 3, 12, 15
 
@@ -294,19 +295,19 @@ def test_sample_validity_boundaries(box, expected):
     assert ref.item() == pytest.approx(expected, abs=1e-12)
 
 
-def test_keep_format_returns_a_channels_last_view_with_the_same_values():
+def test_keep_layout_returns_a_channels_last_view_with_the_same_values():
     gen = torch.Generator().manual_seed(8)
     x = random_map(gen)
     rois = random_rois(gen, 0.5)
     dense = roi_align(x, rois, (3, 2), 0.5, 2, True)
     cl = x.contiguous(memory_format=torch.channels_last)
     default = roi_align(cl, rois, (3, 2), 0.5, 2, True)
-    kept = roi_align(cl, rois, (3, 2), 0.5, 2, True, keep_format=True)
+    kept = roi_align_keep_layout(cl, rois, (3, 2), 0.5, 2, True)
     assert default.is_contiguous()  # torchvision's layout unless asked
     assert kept.is_contiguous(memory_format=torch.channels_last) and not kept.is_contiguous()
     assert torch.equal(kept, dense) and torch.equal(default, dense)
-    # NCHW input: keep_format changes nothing.
-    assert roi_align(x, rois, (3, 2), 0.5, 2, True, keep_format=True).is_contiguous()
+    # NCHW input: NCHW output.
+    assert roi_align_keep_layout(x, rois, (3, 2), 0.5, 2, True).is_contiguous()
 
 
 @pytest.mark.parametrize("layout", ["transposed", "sliced", "channels_last"])

@@ -107,9 +107,11 @@ def assign(
     if cfg.match_low_quality:
         gt_max = overlaps.max(1).values
         for_gt = (overlaps == gt_max[:, None]) & (gt_max[:, None] >= cfg.min_pos_iou)
-        # Later GTs win ties, as mmdet's loop over GTs does.
-        has = for_gt.any(0)
-        last_gt = overlaps.shape[0] - 1 - for_gt.flip(0).float().argmax(0)
+        # Later GTs win ties, as mmdet's loop over GTs does: the highest GT index that
+        # claims a candidate (-1 where none does).
+        gt_index = torch.arange(overlaps.shape[0], device=overlaps.device)[:, None]
+        last_gt = torch.where(for_gt, gt_index, -1).amax(0)
+        has = last_gt >= 0
         assigned[has] = last_gt[has] + 1
     if cfg.ignore_iof_thr > 0 and ignore_boxes is not None and ignore_boxes.shape[0] > 0:
         lt = torch.max(boxes[:, None, :2], ignore_boxes[None, :, :2])

@@ -95,12 +95,17 @@ def _pairwise_intersection_union(
 ) -> tuple[Tensor, Tensor]:
     """Intersection and union areas ``(..., N, M)`` of upcast boxes."""
     boxes1, boxes2 = _upcast(boxes1), _upcast(boxes2)
+    if boxes1.dim() == 1:  # one box: a (1, M) result, as torchvision's broadcasting gives
+        boxes1 = boxes1[None]
     lt1, rb1 = _corners(boxes1, fmt)
     lt2, rb2 = _corners(boxes2, fmt)
-    lt = torch.max(lt1[..., None, :], lt2[..., None, :, :])
-    rb = torch.min(rb1[..., None, :], rb2[..., None, :, :])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
+    # One (..., N, M) plane per coordinate, from contiguous coordinate columns: the same
+    # arithmetic as on (..., N, M, 2) corner tensors, about twice as fast.
+    x1a, y1a, x2a, y2a = (c[..., :, None].contiguous() for c in (*lt1.unbind(-1), *rb1.unbind(-1)))
+    x1b, y1b, x2b, y2b = (c[..., None, :].contiguous() for c in (*lt2.unbind(-1), *rb2.unbind(-1)))
+    w = (torch.min(x2a, x2b) - torch.max(x1a, x1b)).clamp(min=0)
+    h = (torch.min(y2a, y2b) - torch.max(y1a, y1b)).clamp(min=0)
+    inter = w * h
     union = _area(boxes1, fmt)[..., None] + _area(boxes2, fmt)[..., None, :] - inter
     return inter, union
 

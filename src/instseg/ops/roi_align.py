@@ -149,8 +149,6 @@ def roi_align(
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
     aligned: bool = False,
-    *,
-    keep_format: bool = False,
 ) -> Tensor:
     """Pool ``(K, C, PH, PW)`` features for each RoI, as ``torchvision.ops.roi_align``.
 
@@ -164,11 +162,36 @@ def roi_align(
         spatial_scale: factor from box coordinates to feature-map coordinates.
         sampling_ratio: samples per bin along each axis; ``<= 0`` means ``ceil(roi_size / bins)``.
         aligned: shift box coordinates by -0.5 pixel (the pixel-centre model of Detectron2).
-        keep_format: return a channels-last output for a channels-last ``input``, as a
-            convolution would (a view of the pooled rows, no copy); by default the output is
-            contiguous, as torchvision's. The RoI heads use it so that a channels-last network
-            stays channels-last.
+
+    The output is contiguous, as torchvision's; :func:`roi_align_keep_layout` keeps a
+    channels-last input's layout instead.
     """
+    return _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, False)
+
+
+def roi_align_keep_layout(
+    input: Tensor,
+    boxes: Tensor | Sequence[Tensor],
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+) -> Tensor:
+    """:func:`roi_align` whose output is channels-last when ``input`` is, as a convolution's
+    would be (a view of the pooled rows, no copy). The RoI heads use it so that a
+    channels-last network stays channels-last."""
+    return _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, True)
+
+
+def _roi_align(
+    input: Tensor,
+    boxes: Tensor | Sequence[Tensor],
+    output_size: int | tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+    keep_layout: bool,
+) -> Tensor:
     check_feature_map(input)
     rois = as_rois(boxes, input, mixed_dtypes=autocast_enabled(input.device))
     ph, pw = pair(output_size, "output_size")
@@ -218,7 +241,7 @@ def roi_align(
         ph,
         pw,
         input.dtype,
-        keep_format and input.is_contiguous(memory_format=torch.channels_last),
+        keep_layout and input.is_contiguous(memory_format=torch.channels_last),
     )
 
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ...ops import prroi_pool2d, roi_align
+from ...ops import prroi_pool2d
+from ...ops.roi_align import roi_align_keep_layout
 from ..features import Features, FeatureSpec, common_width, select_specs
 
 ROI_OPS = ("roi_align", "prroi_pool")
@@ -75,7 +76,7 @@ def pool_level(
     if op == "prroi_pool":
         return prroi_pool2d(feat, rois, output_size, output_size, scale)
     if op == "roi_align":
-        return roi_align(feat, rois, output_size, scale, sampling_ratio, aligned, keep_format=True)
+        return roi_align_keep_layout(feat, rois, output_size, scale, sampling_ratio, aligned)
     raise ValueError(f"roi op must be one of {ROI_OPS}, got {op!r}")
 
 
