@@ -277,6 +277,33 @@ def test_detector_demo_end_to_end_and_rerun_reuses_the_run(tmp_path):
     assert again == metrics
 
 
+def test_condinst_demo_trains_evaluates_and_predicts(tmp_path):
+    """The one-stage detector through the same paths as Mask R-CNN: training, COCO
+    box/mask/Boundary AP, checkpoint json, overlays."""
+    from instseg.demo import run_demo
+    from test_training import CONDINST_NARROW, ONE_STAGE_NARROW
+
+    tiny = [
+        *ONE_STAGE_NARROW,
+        *CONDINST_NARROW,
+        "data.train_scales=((192,128),)",
+        "data.test_scale=(192,128)",
+        "train.batch_size=2",
+        "train.max_iters=2",
+        "train.checkpoint_every=0",
+    ]
+    metrics = run_demo(
+        tmp_path, overrides=tiny, num_train=6, num_val=3, config="condinst_r18_fpn_small"
+    )
+    assert set(metrics) == {"bbox", "segm", "boundary"}
+    saved = json.loads((tmp_path / "train" / "model_final.json").read_text())
+    assert saved["state"]["config"]["model"]["kind"] == "one_stage"
+    assert len(list((tmp_path / "overlays").glob("*_pred.png"))) == 3
+    assert parse_args(["demo", "--config", "condinst_r18_fpn_small"]).config == (
+        "condinst_r18_fpn_small"
+    )
+
+
 @pytest.mark.parametrize(
     "command",
     [["train", "cfg"], ["demo"], ["eval", "--checkpoint", "w", "--ann", "a", "--images", "i"]],

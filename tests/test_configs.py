@@ -27,11 +27,62 @@ def test_every_zoo_config_builds_and_round_trips_through_json():
     for name in ZOO:
         cfg = get_config(name)
         assert cfg.name == name and cfg.description
-        assert cfg.model.with_masks == name.startswith(("mask", "refinemask"))
-        mask_head = cfg.model.roi_head.mask_head
-        assert (getattr(mask_head, "kind", None) == "refinemask") == name.startswith("refinemask")
+        assert cfg.model.with_masks == name.startswith(("mask", "refinemask", "condinst"))
+        assert (cfg.model.kind == "one_stage") == name.startswith(("fcos", "condinst"))
+        if cfg.model.kind == "two_stage":
+            mask_head = cfg.model.roi_head.mask_head
+            kind = getattr(mask_head, "kind", None)
+            assert (kind == "refinemask") == name.startswith("refinemask")
         rebuilt = from_dict(ExperimentConfig, json.loads(json.dumps(to_dict(cfg))))
         assert rebuilt == cfg
+
+
+def test_condinst_and_fcos_recipes_match_spec():
+    """Spec §4.2, §4.3, §4.5, §4.6."""
+    cfg = get_config("condinst_r50_fpn_ms-poly-90k_coco_instance")
+    model = cfg.model
+    assert model.backbone.depth == 50 and model.backbone.frozen_stages == 1
+    assert model.backbone.norm_eval
+    neck = model.neck
+    assert (neck.start_level, neck.add_extra_convs, neck.relu_before_extra_convs) == (
+        1,
+        "on_output",
+        True,
+    )
+    head = model.bbox_head
+    assert head.num_params == 169 == model.mask_head.num_params
+    assert (head.stacked_convs, head.feat_channels, head.norm, head.num_groups) == (
+        4,
+        256,
+        "GN",
+        32,
+    )
+    assert head.center_sampling and head.center_sample_radius == 1.5
+    assert head.norm_on_bbox and head.centerness_on_reg and head.conv_bias
+    assert head.regress_ranges[0] == (-1.0, 64.0) and head.regress_ranges[-1][0] == 512.0
+    assert (head.score_thr, head.nms_pre, head.nms_iou, head.max_per_image) == (
+        0.05,
+        1000,
+        0.6,
+        100,
+    )
+    mask = model.mask_head
+    assert mask.branch_levels == ("p3", "p4", "p5") and mask.branch_channels == 128
+    assert (mask.branch_convs, mask.out_channels, mask.branch_norm) == (4, 8, "BN")
+    assert (mask.size_of_interest, mask.mask_out_stride, mask.max_masks_to_train) == (8, 4, 300)
+    s = cfg.train.schedule
+    assert cfg.train.max_iters == 90_000 and cfg.train.batch_size == 16
+    assert (s.base_lr, s.warmup_iters, s.warmup_ratio, s.steps) == (
+        0.01,
+        1000,
+        0.001,
+        (60_000, 80_000),
+    )
+    assert s.grad_clip is None
+    assert [sc[1] for sc in cfg.data.train_scales] == [640, 672, 704, 736, 768, 800]
+    fcos = get_config("fcos_r50_fpn_1x_coco")
+    assert fcos.model.mask_head is None and fcos.model.bbox_head.num_params == 0
+    assert fcos.train.schedule.grad_clip == 35.0 and fcos.train.schedule.base_lr == 0.01
 
 
 def test_refinemask_recipe_matches_spec():

@@ -29,8 +29,22 @@ NARROW = [
 REFINEMASK_NARROW = ["model.roi_head.mask_head.conv_channels=32"]
 
 
+# One-stage detectors: the FCOS towers keep 32 channels (GroupNorm(32); images must leave P7
+# more than one pixel, as training GroupNorm needs two values per group).
+ONE_STAGE_NARROW = [
+    "model.backbone.base_width=8",
+    "model.neck.out_channels=16",
+    "model.bbox_head.feat_channels=32",
+]
+CONDINST_NARROW = ["model.mask_head.branch_channels=16"]
+
+
 def narrow(name: str) -> list[str]:
     """The overrides that shrink zoo config ``name`` to CPU widths."""
+    if name.startswith("fcos"):
+        return ONE_STAGE_NARROW
+    if name.startswith("condinst"):
+        return [*ONE_STAGE_NARROW, *CONDINST_NARROW]
     return [*NARROW, *(REFINEMASK_NARROW if name.startswith("refinemask") else [])]
 
 
@@ -78,7 +92,8 @@ def test_zoo_config_trains_with_finite_decreasing_loss(name, dataset, tmp_path):
     log = [json.loads(x) for x in (tmp_path / "work" / "log.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in log] == list(range(1, ITERS + 1))
     losses = {k for k in log[0] if k.startswith("loss_")}
-    assert ("loss_mask" in losses) == name.startswith(("mask", "refinemask"))
+    assert ("loss_mask" in losses) == name.startswith(("mask", "refinemask", "condinst"))
+    assert ("loss_centerness" in losses) == name.startswith(("fcos", "condinst"))
     assert ("loss_semantic" in losses) == (name.startswith("refinemask") and "faster" not in name)
     assert all(math.isfinite(r[k]) for r in log for k in [*losses, "total"])
     first = sum(r["total"] for r in log[:3]) / 3

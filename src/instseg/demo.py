@@ -30,9 +30,14 @@ DEMO_OVERRIDES = [
 ]
 
 
-def demo_config(overrides: list[str] | None = None) -> ExperimentConfig:
-    cfg = get_config("mask_rcnn_r18_fpn_small")
-    cfg.name = "demo_shapes"
+DEMO_CONFIG = "mask_rcnn_r18_fpn_small"
+
+
+def demo_config(overrides: list[str] | None = None, config: str = DEMO_CONFIG) -> ExperimentConfig:
+    """The demo's recipe on zoo config ``config`` (the small Mask R-CNN by default; any small
+    config works, e.g. ``condinst_r18_fpn_small``)."""
+    cfg = get_config(config)
+    cfg.name = "demo_shapes" if config == DEMO_CONFIG else f"demo_shapes_{config}"
     return apply_overrides(cfg, DEMO_OVERRIDES + list(overrides or []))
 
 
@@ -72,12 +77,13 @@ def run_demo(
     overrides: list[str] | None = None,
     num_train: int = 300,
     num_val: int = 60,
+    config: str = DEMO_CONFIG,
 ) -> dict:
     """Run the demo; returns the val metrics. Outputs go under ``work_dir``."""
     work_dir = Path(work_dir)
     data_dir = work_dir / "data"
     train_json, val_json = make_demo_splits(data_dir, seed, num_train, num_val)
-    cfg = demo_config(overrides)
+    cfg = demo_config(overrides, config)
     cfg.data.train_ann, cfg.data.train_images = str(train_json), str(data_dir)
     cfg.data.val_ann, cfg.data.val_images = str(val_json), str(data_dir)
     train_dir = work_dir / "train"
