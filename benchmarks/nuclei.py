@@ -4,9 +4,9 @@ Splits ``shared/data/dsb2018-nuclei-48`` by image id, 36 train / 12 val (val: th
 are multiples of 4, which takes a quarter of every size group, since the file lists the
 images grouped by size), trains ``mask_rcnn_r18_fpn_small`` (or ``--config``, e.g.
 ``mask_rcnn_r18_fpn_groie_small`` for the GRoIE comparison, ``refinemask_r18_fpn_small`` for
-the RefineMask one) with the nuclei settings below, evaluates bbox, segm and Boundary AP on
-the val split with maxDets raised (the val images hold up to 98 nuclei each) and prints the
-table, the training wall time and the command.
+the RefineMask one, ``condinst_r18_fpn_small`` for CondInst) with the nuclei settings below,
+evaluates bbox, segm and Boundary AP on the val split with maxDets raised (the val images
+hold up to 98 nuclei each) and prints the table, the training wall time and the command.
 
     python benchmarks/nuclei.py [--config NAME] [--data DIR] [--work-dir DIR] [--max-iters N]
         [--max-dets N] [--set key=value ...]
@@ -33,13 +33,14 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "dsb2018-nuclei-48"
 
 # Nuclei are small (median sqrt(area) 21 px; 8 to 46 px for 90% of them) on 256 to 1024 px
 # images. Short side 384 enlarges the many 256-px images by 1.5 and keeps the 520x696 ones
-# near their size; anchors of base size 16 on P2 (scale 4 instead of 8) match the nuclei.
-# Vertical images do not occur, so one scale (long side 640) covers all of them.
+# near their size; for the two-stage detectors, anchors of base size 16 on P2 (scale 4
+# instead of 8) match the nuclei and 1,000 proposals leave room for crowded images (the
+# one-stage ones, FCOS/CondInst, have no anchors: their P3 regress range, up to 64 px, already
+# holds the nuclei). Vertical images do not occur, so one scale (long side 640) covers all.
+TWO_STAGE_OVERRIDES = ["model.rpn.anchor_scales=(4.0,)", "model.rpn.test_max_per_image=1000"]
 NUCLEI_OVERRIDES = [
     "data.train_scales=((640, 352), (640, 384), (640, 416))",
     "data.test_scale=(640, 384)",
-    "model.rpn.anchor_scales=(4.0,)",
-    "model.rpn.test_max_per_image=1000",
     "train.max_iters=360",
     "train.checkpoint_every=100",
     "train.log_every=20",
@@ -84,7 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     train_json, val_json = split_by_image_id(ann, args.work_dir)
 
-    overrides = [*NUCLEI_OVERRIDES, f"eval.max_dets={args.max_dets}", *args.set]
+    two_stage = get_config(args.config).model.kind == "two_stage"
+    overrides = [
+        *NUCLEI_OVERRIDES,
+        *(TWO_STAGE_OVERRIDES if two_stage else []),
+        f"eval.max_dets={args.max_dets}",
+        *args.set,
+    ]
     if args.max_iters is not None:
         overrides.append(f"train.max_iters={args.max_iters}")
     cfg = apply_overrides(get_config(args.config), overrides)
