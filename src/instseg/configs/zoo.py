@@ -94,6 +94,20 @@ def mask_rcnn_r101_fpn_1x_coco() -> ExperimentConfig:
     )
 
 
+def _small_backbone() -> ResNetConfig:
+    """R-18 at half width from scratch. Trainable BN keeps a from-scratch net stable without
+    zero-init residuals; the demo and nuclei numbers were measured with the plain
+    (torchvision) init."""
+    return ResNetConfig(
+        depth=18,
+        norm="BN",
+        frozen_stages=-1,
+        norm_eval=False,
+        base_width=32,
+        zero_init_residual=False,
+    )
+
+
 def _rcnn_r18_fpn_small(name: str, description: str, with_mask: bool) -> ExperimentConfig:
     """ResNet-18 (half width) FPN from scratch, short side about 320, a 2-conv mask head
     and 256 sampled RoIs per image: minutes on a CPU."""
@@ -101,16 +115,7 @@ def _rcnn_r18_fpn_small(name: str, description: str, with_mask: bool) -> Experim
         name=name,
         description=description,
         model=TwoStageConfig(
-            # Trainable BN keeps a from-scratch net stable without zero-init residuals; the
-            # demo and nuclei numbers were measured with the plain (torchvision) init.
-            backbone=ResNetConfig(
-                depth=18,
-                norm="BN",
-                frozen_stages=-1,
-                norm_eval=False,
-                base_width=32,
-                zero_init_residual=False,
-            ),
+            backbone=_small_backbone(),
             neck=FPNConfig(out_channels=64),  # every other width follows it
             rpn=RPNConfig(
                 train_nms_pre=1000,
@@ -311,17 +316,22 @@ def refinemask_r18_fpn_small() -> ExperimentConfig:
 # centre sampling, distances normalised by the stride, centerness on the reg tower, GIoU.
 
 
+def _p3_p7_neck(width: int) -> FPNConfig:
+    """FPN on C3-C5 with P6 and P7 from stride-2 convs on P5's output (ReLU before P7)."""
+    return FPNConfig(
+        out_channels=width,
+        num_outs=5,
+        start_level=1,
+        add_extra_convs="on_output",
+        relu_before_extra_convs=True,
+    )
+
+
 def _one_stage_r50(with_mask: bool) -> OneStageConfig:
     mask_head = CondInstMaskHeadConfig() if with_mask else None
     return OneStageConfig(
         backbone=ResNetConfig(depth=50, norm="BN", frozen_stages=1, norm_eval=True),
-        neck=FPNConfig(
-            out_channels=256,
-            num_outs=5,
-            start_level=1,
-            add_extra_convs="on_output",
-            relu_before_extra_convs=True,
-        ),
+        neck=_p3_p7_neck(256),
         bbox_head=FCOSHeadConfig(num_params=0 if mask_head is None else mask_head.num_params),
         mask_head=mask_head,
     )
@@ -384,21 +394,8 @@ def condinst_r18_fpn_small() -> ExperimentConfig:
         name="condinst_r18_fpn_small",
         description="CondInst R-18-FPN (half width, from scratch), CPU-sized",
         model=OneStageConfig(
-            backbone=ResNetConfig(
-                depth=18,
-                norm="BN",
-                frozen_stages=-1,
-                norm_eval=False,
-                base_width=32,
-                zero_init_residual=False,
-            ),
-            neck=FPNConfig(
-                out_channels=64,
-                num_outs=5,
-                start_level=1,
-                add_extra_convs="on_output",
-                relu_before_extra_convs=True,
-            ),
+            backbone=_small_backbone(),
+            neck=_p3_p7_neck(64),
             bbox_head=FCOSHeadConfig(
                 stacked_convs=2, feat_channels=64, num_params=mask_head.num_params
             ),
