@@ -57,7 +57,7 @@ def test_condinst_and_fcos_recipes_match_spec():
         "GN",
         32,
     )
-    assert head.center_sampling and head.center_sample_radius == 1.5
+    assert head.center_sampling and head.center_sample_radius == 1.5 and head.center_from_mask
     assert head.norm_on_bbox and head.centerness_on_reg and head.conv_bias
     assert head.regress_ranges[0] == (-1.0, 64.0) and head.regress_ranges[-1][0] == 512.0
     assert (head.score_thr, head.nms_pre, head.nms_iou, head.max_per_image) == (
@@ -82,6 +82,7 @@ def test_condinst_and_fcos_recipes_match_spec():
     assert [sc[1] for sc in cfg.data.train_scales] == [640, 672, 704, 736, 768, 800]
     fcos = get_config("fcos_r50_fpn_1x_coco")
     assert fcos.model.mask_head is None and fcos.model.bbox_head.num_params == 0
+    assert not fcos.model.bbox_head.center_from_mask  # FCOS samples around box centres
     assert fcos.train.schedule.grad_clip == 35.0 and fcos.train.schedule.base_lr == 0.01
 
 

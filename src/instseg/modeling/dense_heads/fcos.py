@@ -9,7 +9,8 @@ from the reg tower (the "controller").
 
 Targets (:func:`fcos_targets`): a location is positive for a GT when it lies inside the GT
 box, or, with centre sampling, strictly inside ``centre +- radius * stride`` clipped to the
-box (the centre is the GT mask's centroid when masks are given), and when its largest
+box (the centre is the GT mask's centroid with ``center_from_mask``, as CondInst, when the
+data has masks; the box centre otherwise), and when its largest
 distance to the box sides lies in its level's regress range; among several GTs the smallest
 box area wins, the first on ties. Losses: sigmoid focal loss over all locations / #positives,
 GIoU on positives weighted by the centerness target / sum of those targets, centerness BCE /
@@ -58,6 +59,8 @@ class FCOSHeadConfig:
     )
     center_sampling: bool = True
     center_sample_radius: float = 1.5
+    # CondInst samples around the GT mask's centroid; plain FCOS around the box centre.
+    center_from_mask: bool = False
     norm_on_bbox: bool = True
     centerness_on_reg: bool = True
     num_params: int = 0
@@ -349,7 +352,7 @@ class FCOSHead(nn.Module):
         pos_bbox, pos_targets, pos_ctr, pos_points = [], [], [], []
         for i, target in enumerate(targets):
             centres = None
-            if cfg.center_sampling and target.masks is not None and len(target) > 0:
+            if cfg.center_from_mask and target.masks is not None and len(target) > 0:
                 centres = mask_centroids(pad_masks(target.masks, padded_size), points.dtype)
             assigned, distances = fcos_targets(
                 points,

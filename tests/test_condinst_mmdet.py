@@ -1,0 +1,192 @@
+"""Our FCOS and CondInst against mmdetection 3.3's, with identical weights and inputs.
+
+``fixtures/condinst_mmdet`` holds a narrow random model of mmdet's CondInst config (R-18 at
+width 8, 16-channel FPN and towers, 5 classes; its norm layers randomised so that scores
+spread), two padded input images, GT, and what mmdet computed from them (raw head outputs,
+mask features, training losses, positives, detections with masks in the original frame); the
+FCOS fixture is mmdet's FCOS "tricks" head with the same weights. ``make_fixture.py`` made
+them in the mmdetection environment (see its README). mmcv's CPU NMS refuses float64, so
+the fixtures are float32 and the tolerances are float32's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from instseg.modeling.backbone import ResNetConfig
+from instseg.modeling.condinst import CondInstMaskHeadConfig
+from instseg.modeling.dense_heads import FCOSHeadConfig
+from instseg.modeling.detectors import OneStageConfig
+from instseg.modeling.neck import FPNConfig
+from instseg.structures import ImageBatch, ImageInfo, InstanceTargets
+
+FIXTURES = Path(__file__).parent / "fixtures" / "condinst_mmdet"
+NUM_CLASSES = 5
+
+
+def _config(with_mask: bool) -> OneStageConfig:
+    """Our config of the fixture's narrowed mmdet model."""
+    mask = CondInstMaskHeadConfig(branch_channels=16, branch_convs=2) if with_mask else None
+    return OneStageConfig(
+        backbone=ResNetConfig(depth=18, base_width=8, norm="BN", frozen_stages=1, norm_eval=True),
+        neck=FPNConfig(
+            out_channels=16,
+            num_outs=5,
+            start_level=1,
+            add_extra_convs="on_output",
+            relu_before_extra_convs=True,
+        ),
+        bbox_head=FCOSHeadConfig(
+            stacked_convs=2,
+            feat_channels=16,
+            num_groups=4,
+            num_params=0 if mask is None else mask.num_params,
+            center_from_mask=with_mask,
+        ),
+        mask_head=mask,
+    )
+
+
+def _rle_decode(counts: torch.Tensor, lens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Row-major run lengths (zeros first), one run list of ``lens[k]`` entries per mask."""
+    out, offset = [], 0
+    for n in lens.tolist():
+        runs = counts[offset : offset + n].numpy()
+        offset += n
+        out.append(np.repeat(np.arange(n) % 2, runs).reshape(h, w))
+    return torch.from_numpy(np.stack(out).astype(bool)) if out else torch.zeros(0, h, w, dtype=bool)
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    if not (FIXTURES / "condinst_state.safetensors").is_file():
+        pytest.skip("mmdet CondInst fixture absent")
+    state = load_file(FIXTURES / "condinst_state.safetensors")
+    inputs = load_file(FIXTURES / "inputs.safetensors")["inputs_x32"].float() / 32
+    io = {name: load_file(FIXTURES / f"{name}_io.safetensors") for name in ("condinst", "fcos")}
+    meta = json.loads((FIXTURES / "condinst_meta.json").read_text())
+    return state, inputs, io, meta
+
+
+def _model(state: dict, with_mask: bool):
+    torch.manual_seed(0)
+    model = _config(with_mask).build(NUM_CLASSES)
+    ours = model.state_dict()
+    wanted = {k: v for k, v in state.items() if with_mask or k in ours}
+    assert set(ours) == set(wanted), set(ours) ^ set(wanted)
+    model.load_state_dict(wanted, strict=True)
+    return model
+
+
+def _batch(inputs: torch.Tensor, meta: dict):
+    sizes = [tuple(m["img_shape"]) for m in meta["img_metas"]]
+    infos = []
+    for i, m in enumerate(meta["img_metas"]):
+        sx, sy = m["scale_factor"]
+        infos.append(ImageInfo(i, "", tuple(m["ori_shape"]), tuple(m["img_shape"]), (sy, sx)))
+    return ImageBatch(inputs, sizes), infos
+
+
+def _targets(io: dict, with_mask: bool) -> list[InstanceTargets]:
+    targets = []
+    for i in range(2):
+        masks = None
+        if with_mask:
+            key = f"gt_masks.{i}"
+            masks = _rle_decode(io[key + "_rle_counts"], io[key + "_rle_lens"], 224, 320)
+        targets.append(InstanceTargets(io[f"gt_boxes.{i}"], io[f"gt_labels.{i}"], masks))
+    return targets
+
+
+def test_state_dict_keys_are_mmdets(fixture):
+    state, _, _, meta = fixture
+    model = _config(True).build(NUM_CLASSES)
+    # Same names in the same order as mmdet's state_dict (the safetensors file sorts them).
+    assert list(model.state_dict()) == meta["state_dict_keys"]
+    assert set(meta["state_dict_keys"]) == set(state)
+
+
+def test_raw_head_outputs_and_mask_features_equal_mmdets(fixture):
+    state, inputs, io, meta = fixture
+    ref = io["condinst"]
+    model = _model(state, True).eval()
+    images, _ = _batch(inputs, meta)
+    with torch.no_grad():
+        feats = model.features(images)
+        out = model.bbox_head(feats)
+        mask_feat = model.mask_head.mask_feature_head(feats)
+    for level in range(5):
+        torch.testing.assert_close(out.cls[level], ref[f"cls_score.{level}"], rtol=1e-4, atol=1e-4)
+        # mmdet multiplies the distances by the stride in eval mode; we do it in predict.
+        stride = 8 * 2**level
+        torch.testing.assert_close(
+            out.bbox[level] * stride, ref[f"bbox_pred.{level}"], rtol=1e-4, atol=1e-3
+        )
+        torch.testing.assert_close(
+            out.centerness[level], ref[f"centerness.{level}"], rtol=1e-4, atol=1e-4
+        )
+        if f"param_pred.{level}" in ref:
+            torch.testing.assert_close(
+                out.params[level], ref[f"param_pred.{level}"], rtol=1e-4, atol=1e-4
+            )
+    torch.testing.assert_close(mask_feat, ref["mask_feat"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["condinst", "fcos"])
+def test_detections_equal_mmdets(fixture, name):
+    state, inputs, io, meta = fixture
+    ref = io[name]
+    with_mask = name == "condinst"
+    model = _model(state, with_mask).eval()
+    images, infos = _batch(inputs, meta)
+    with torch.no_grad():
+        results = model.predict(images, infos)
+    for i, (res, m) in enumerate(zip(results, meta["img_metas"], strict=True)):
+        assert len(res) == len(ref[f"det_scores.{i}"]) == 100
+        torch.testing.assert_close(res.scores, ref[f"det_scores.{i}"], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(res.boxes, ref[f"det_boxes.{i}"], rtol=0, atol=1e-2)
+        assert torch.equal(res.labels, ref[f"det_labels.{i}"])
+        if with_mask:
+            h, w = m["ori_shape"]
+            key = f"det_masks.{i}"
+            expected = _rle_decode(ref[key + "_rle_counts"], ref[key + "_rle_lens"], h, w)
+            assert res.masks.shape == expected.shape
+            inter = (res.masks & expected).flatten(1).sum(1).double()
+            union = (res.masks | expected).flatten(1).sum(1).double()
+            iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+            assert iou.min().item() > 0.99, iou.min().item()
+
+
+@pytest.mark.parametrize("name", ["condinst", "fcos"])
+def test_training_losses_equal_mmdets(fixture, name):
+    state, inputs, io, meta = fixture
+    ref = io[name]
+    with_mask = name == "condinst"
+    model = _model(state, with_mask).train()
+    images, _ = _batch(inputs, meta)
+    losses = model(images, _targets(io["condinst"], with_mask))
+    expected = {k[len("loss.") :]: v for k, v in ref.items() if k.startswith("loss.")}
+    assert set(losses) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(losses[key].detach(), value, rtol=1e-4, atol=1e-5)
+
+
+def test_positives_equal_mmdets(fixture):
+    state, inputs, io, meta = fixture
+    ref = io["condinst"]
+    model = _model(state, True).train()
+    images, _ = _batch(inputs, meta)
+    targets = _targets(ref, True)
+    with torch.no_grad():
+        _, positives = model.bbox_head.loss(
+            model.bbox_head(model.features(images)), targets, (224, 320)
+        )
+    for i, pos in enumerate(positives):
+        assert torch.equal(pos.index, ref[f"pos_inds.{i}"])
+        assert torch.equal(pos.gt_index, ref[f"pos_gt_inds.{i}"])
