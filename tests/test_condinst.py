@@ -337,3 +337,14 @@ def test_same_image_alone_or_in_a_batch_gives_the_same_detections_and_masks():
     assert alone.masks.shape == (len(alone), 80, 106)
     mismatch = (alone.masks != batch[1].masks).float().mean().item()
     assert mismatch < 1e-3
+
+
+def test_mask_head_variant_switches_between_condinst_and_fcos():
+    """The controller's width comes from the mask head, so one key turns either into the
+    other (and the parameters follow: no controller without a mask head)."""
+    fcos = apply_overrides(get_config("condinst_r18_fpn_small"), ["model.mask_head=none"])
+    assert not fcos.model.with_masks and build_model(fcos, 3).bbox_head.controller is None
+    condinst = apply_overrides(fcos, ["model.mask_head=condinst"])
+    model = build_model(condinst, 3)
+    assert condinst.model.with_masks and model.bbox_head.controller.out_channels == 169
+    assert any(k.startswith("mask_head.mask_feature_head.") for k in model.state_dict())

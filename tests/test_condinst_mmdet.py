@@ -46,7 +46,6 @@ def _config(with_mask: bool) -> OneStageConfig:
             stacked_convs=2,
             feat_channels=16,
             num_groups=4,
-            num_params=0 if mask is None else mask.num_params,
             center_from_mask=with_mask,
         ),
         mask_head=mask,

@@ -333,7 +333,6 @@ def _one_stage_r50(with_mask: bool) -> OneStageConfig:
         backbone=ResNetConfig(depth=50, norm="BN", frozen_stages=1, norm_eval=True),
         neck=_p3_p7_neck(256),
         bbox_head=FCOSHeadConfig(
-            num_params=0 if mask_head is None else mask_head.num_params,
             center_from_mask=with_mask,
         ),
         mask_head=mask_head,
@@ -402,7 +401,6 @@ def condinst_r18_fpn_small() -> ExperimentConfig:
             bbox_head=FCOSHeadConfig(
                 stacked_convs=2,
                 feat_channels=64,
-                num_params=mask_head.num_params,
                 center_from_mask=True,
             ),
             mask_head=mask_head,

@@ -19,6 +19,7 @@ All instances of a batch run at once as batched matrix products (no loop per ins
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -53,8 +54,9 @@ class CondInstMaskHeadConfig:
 
     ``branch_levels`` are the neck levels fused (P3-P5; the first sets the mask-feature
     stride); ``num_layers``/``dyn_channels`` shape the dynamic network (its parameter count,
-    :attr:`num_params`, must equal the box head's controller width)."""
+    :attr:`num_params`, sets the box head's controller width)."""
 
+    kind: Literal["condinst"] = "condinst"
     branch_levels: tuple[str, ...] = ("p3", "p4", "p5")
     branch_channels: int = 128
     branch_convs: int = 4

@@ -4,8 +4,8 @@ center-normbbox-centeronreg-giou config and of CondInst's box head (spec §4.3).
 At every location of every level (one shared head): two towers of 3x3 convs (GroupNorm,
 ReLU), a class logit per class from the cls tower, four distances (left, top, right, bottom)
 times a learnable per-level scale from the reg tower, a centerness logit (from the reg tower
-with ``centerness_on_reg``) and, for CondInst, ``num_params`` dynamic mask-head parameters
-from the reg tower (the "controller").
+with ``centerness_on_reg``) and, for CondInst, the dynamic mask head's parameters from the
+reg tower (the "controller", as wide as the mask head asks).
 
 Targets (:func:`fcos_targets`): a location is positive for a GT when it lies inside the GT
 box, or, with centre sampling, strictly inside ``centre +- radius * stride`` clipped to the
@@ -40,7 +40,7 @@ INF = 1e8
 @dataclass
 class FCOSHeadConfig:
     """The FCOS head. ``levels`` are the neck levels it reads (None: all); one
-    ``regress_ranges`` entry per level. ``num_params > 0`` adds CondInst's controller."""
+    ``regress_ranges`` entry per level."""
 
     levels: tuple[str, ...] | None = None
     stacked_convs: int = 4
@@ -63,7 +63,6 @@ class FCOSHeadConfig:
     center_from_mask: bool = False
     norm_on_bbox: bool = True
     centerness_on_reg: bool = True
-    num_params: int = 0
     prior_prob: float = 0.01
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
@@ -76,7 +75,7 @@ class FCOSHeadConfig:
     max_per_image: int = 100
 
     def __post_init__(self) -> None:
-        for name in ("stacked_convs", "num_params"):
+        for name in ("stacked_convs",):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(
                     f"bbox_head.{name} must be a non-negative int, got {getattr(self, name)!r}"
@@ -252,7 +251,14 @@ class FCOSHead(nn.Module):
     are mmdet's (``cls_convs.{i}.conv``/``.gn``, ``conv_cls``, ``conv_reg``,
     ``conv_centerness``, ``scales.{l}.scale``, ``controller``)."""
 
-    def __init__(self, cfg: FCOSHeadConfig, in_specs: list[FeatureSpec], num_classes: int) -> None:
+    def __init__(
+        self,
+        cfg: FCOSHeadConfig,
+        in_specs: list[FeatureSpec],
+        num_classes: int,
+        num_params: int = 0,
+    ) -> None:
+        """``num_params > 0`` adds the controller (CondInst: the mask head's parameter count)."""
         super().__init__()
         if cfg.levels is not None:
             in_specs = select_specs(in_specs, cfg.levels, "bbox_head.levels")
@@ -288,9 +294,7 @@ class FCOSHead(nn.Module):
         self.conv_reg = nn.Conv2d(width, 4, 3, padding=1)
         self.conv_centerness = nn.Conv2d(width, 1, 3, padding=1)
         self.scales = nn.ModuleList(Scale(1.0) for _ in in_specs)
-        self.controller = (
-            nn.Conv2d(width, cfg.num_params, 3, padding=1) if cfg.num_params > 0 else None
-        )
+        self.controller = nn.Conv2d(width, num_params, 3, padding=1) if num_params > 0 else None
         # mmdet: Normal(0, 0.01) on every conv of the head, bias 0; the class bias at the prior.
         for module in self.modules():
             if isinstance(module, nn.Conv2d):

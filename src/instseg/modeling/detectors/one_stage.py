@@ -1,7 +1,8 @@
 """One-stage detectors: backbone -> FPN -> dense head (FCOS) [-> CondInst mask head].
 
 FCOS is this detector with ``mask_head=None``; CondInst adds the dynamic mask head, whose
-parameters the box head predicts (its controller width is set from the mask head's config).
+parameters the box head predicts (its controller width comes from the mask head's config, so
+``--set model.mask_head=none`` / ``=condinst`` switches between the two).
 Batches are padded images (``ImageBatch``); the heads work on the whole batch.
 """
 
@@ -33,16 +34,6 @@ class OneStageConfig:
     bbox_head: FCOSHeadConfig = field(default_factory=FCOSHeadConfig)
     mask_head: CondInstMaskHeadConfig | None = None
 
-    def __post_init__(self) -> None:
-        wanted = 0 if self.mask_head is None else self.mask_head.num_params
-        if self.bbox_head.num_params not in (0, wanted) or (
-            wanted and not self.bbox_head.num_params
-        ):
-            raise ValueError(
-                f"bbox_head.num_params ({self.bbox_head.num_params}) must be "
-                f"{wanted}: the controller predicts the mask head's dynamic parameters"
-            )
-
     @property
     def with_masks(self) -> bool:
         return self.mask_head is not None
@@ -61,7 +52,9 @@ class OneStageDetector(PyramidDetector):
         super().__init__(cfg.backbone, cfg.neck)
         self.cfg = cfg
         self.num_classes = num_classes
-        self.bbox_head = FCOSHead(cfg.bbox_head, self.feature_specs, num_classes)
+        # The controller is as wide as the mask head's dynamic network needs (none for FCOS).
+        num_params = 0 if cfg.mask_head is None else cfg.mask_head.num_params
+        self.bbox_head = FCOSHead(cfg.bbox_head, self.feature_specs, num_classes, num_params)
         self.mask_head = (
             None if cfg.mask_head is None else CondInstMaskHead(cfg.mask_head, self.feature_specs)
         )
