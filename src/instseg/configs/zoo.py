@@ -108,6 +108,29 @@ def _small_backbone() -> ResNetConfig:
     )
 
 
+def _small_run(base_lr: float) -> dict:
+    """Data, schedule and evaluation of the small configs: short side about 320, 400
+    iterations of 4 images, a tight gradient clip for training from scratch."""
+    return {
+        "data": DataConfig(
+            train_scales=((512, 288), (512, 320), (512, 352)), test_scale=(512, 320)
+        ),
+        "train": TrainConfig(
+            max_iters=400,
+            batch_size=4,
+            checkpoint_every=100,
+            schedule=ScheduleConfig(
+                base_lr=base_lr,
+                warmup_iters=50,
+                warmup_ratio=0.01,
+                steps=(300, 370),
+                grad_clip=10.0,
+            ),
+        ),
+        "eval": EvalConfig(max_dets=100, batch_size=4),
+    }
+
+
 def _rcnn_r18_fpn_small(name: str, description: str, with_mask: bool) -> ExperimentConfig:
     """ResNet-18 (half width) FPN from scratch, short side about 320, a 2-conv mask head
     and 256 sampled RoIs per image: minutes on a CPU."""
@@ -133,16 +156,7 @@ def _rcnn_r18_fpn_small(name: str, description: str, with_mask: bool) -> Experim
                 sampler=SamplerConfig(num=256, pos_fraction=0.25),
             ),
         ),
-        data=DataConfig(train_scales=((512, 288), (512, 320), (512, 352)), test_scale=(512, 320)),
-        train=TrainConfig(
-            max_iters=400,
-            batch_size=4,
-            checkpoint_every=100,
-            schedule=ScheduleConfig(
-                base_lr=0.02, warmup_iters=50, warmup_ratio=0.01, steps=(300, 370), grad_clip=10.0
-            ),
-        ),
-        eval=EvalConfig(max_dets=100, batch_size=4),
+        **_small_run(base_lr=0.02),
     )
 
 
@@ -405,16 +419,7 @@ def condinst_r18_fpn_small() -> ExperimentConfig:
             ),
             mask_head=mask_head,
         ),
-        data=DataConfig(train_scales=((512, 288), (512, 320), (512, 352)), test_scale=(512, 320)),
-        train=TrainConfig(
-            max_iters=400,
-            batch_size=4,
-            checkpoint_every=100,
-            schedule=ScheduleConfig(
-                base_lr=0.01, warmup_iters=50, warmup_ratio=0.01, steps=(300, 370), grad_clip=10.0
-            ),
-        ),
-        eval=EvalConfig(max_dets=100, batch_size=4),
+        **_small_run(base_lr=0.01),
     )
 
 
