@@ -38,6 +38,7 @@ from instseg.engine import (
     save_checkpoint,
     train,
 )
+from instseg.engine.schedule import set_lr
 from instseg.structures import ImageBatch, ImageInfo, InstanceTargets, TrainingContext
 
 MAX_ITERS = 14
@@ -194,6 +195,24 @@ def test_lr_at_warmup_and_steps():
     assert lr_at(early, 1) == pytest.approx(0.1 * (1 - 0.75 * 0.5))
     assert lr_at(early, 3) == pytest.approx(0.05 * (1 - 0.25 * 0.5))
     assert lr_at(ScheduleConfig(warmup_iters=0), 0) == pytest.approx(0.02)
+
+
+def test_constant_warmup_and_bias_lr_multiplier():
+    """mmdet's FCOS recipe: ``ConstantLR`` (factor 1/3 for 500 iterations) and
+    ``bias_lr_mult=2`` on every bias outside norm layers; norm parameters keep the base lr."""
+    cfg = ScheduleConfig(base_lr=0.01, warmup_iters=500, warmup_ratio=1 / 3, warmup="constant")
+    assert lr_at(cfg, 0) == lr_at(cfg, 499) == pytest.approx(0.01 / 3)
+    assert lr_at(cfg, 500) == pytest.approx(0.01)
+    model = _NormNet()
+    names = {id(p): n for n, p in model.named_parameters()}
+    cfg = ScheduleConfig(bias_lr_mult=2.0, bias_decay_mult=0.0)
+    optimizer = build_optimizer(model, cfg)
+    set_lr(optimizer, 0.05)
+    lrs = {names[id(p)]: g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert lrs["conv.bias"] == lrs["fc.bias"] == pytest.approx(0.1)
+    assert lrs["bn.bias"] == lrs["conv.weight"] == lrs["my_bias"] == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="warmup"):
+        ScheduleConfig(warmup="cosine")
 
 
 def test_configs_name_the_bad_field():
@@ -810,7 +829,7 @@ def test_one_group_is_the_plain_optimizer(cfg):
 
 
 def test_several_groups_resume_bit_identical(tmp_path):
-    groups = dict(weight_decay=0.05, norm_decay_mult=0.0, bias_decay_mult=2.0)
+    groups = dict(weight_decay=0.05, norm_decay_mult=0.0, bias_decay_mult=2.0, bias_lr_mult=2.0)
     schedule = ScheduleConfig(
         base_lr=0.05, warmup_iters=4, warmup_ratio=0.1, steps=(9,), grad_clip=5.0, **groups
     )
@@ -826,6 +845,7 @@ def test_several_groups_resume_bit_identical(tmp_path):
     meta = json.loads((work_dir / "iter_00000005.json").read_text())
     decays = [g["weight_decay"] for g in meta["optimizer"]["param_groups"]]
     assert decays == pytest.approx([0.05, 0.1, 0.0])
+    assert [g.get("lr_mult", 1) for g in meta["optimizer"]["param_groups"]] == [1, 2.0, 1]
     model = ToyModel()
     result = train(model, ToyDataset(), _cfg(schedule=schedule), work_dir, resume=True)
     assert result.status == "finished"
