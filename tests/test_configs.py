@@ -84,6 +84,9 @@ def test_condinst_and_fcos_recipes_match_spec():
     assert fcos.model.mask_head is None
     assert not fcos.model.bbox_head.center_from_mask  # FCOS samples around box centres
     assert fcos.train.schedule.grad_clip == 35.0 and fcos.train.schedule.base_lr == 0.01
+    fs = fcos.train.schedule
+    assert (fs.warmup, fs.warmup_iters, fs.warmup_ratio) == ("constant", 500, 1 / 3)
+    assert (fs.bias_lr_mult, fs.bias_decay_mult) == (2.0, 0.0)
 
 
 def test_refinemask_recipe_matches_spec():
