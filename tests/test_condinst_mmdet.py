@@ -183,9 +183,7 @@ def test_positives_equal_mmdets(fixture):
     images, _ = _batch(inputs, meta)
     targets = _targets(ref, True)
     with torch.no_grad():
-        _, positives = model.bbox_head.loss(
-            model.bbox_head(model.features(images)), targets, (224, 320)
-        )
+        _, positives = model.bbox_head.loss(model.bbox_head(model.features(images)), targets)
     for i, pos in enumerate(positives):
         assert torch.equal(pos.index, ref[f"pos_inds.{i}"])
         assert torch.equal(pos.gt_index, ref[f"pos_gt_inds.{i}"])

@@ -38,8 +38,27 @@ def _epochs_to_iters(epochs: float, batch_size: int, images: int = COCO_TRAIN_IM
     return round(epochs * images / batch_size)
 
 
-def _rcnn_r50_fpn_1x(name: str, description: str, depth: int, with_mask: bool) -> ExperimentConfig:
+def _coco_1x_run(**schedule: object) -> dict:
+    """Data and schedule of mmdet's COCO 1x recipes: one scale (1333, 800), 12 epochs of 16
+    images, 500 warmup iterations, lr x0.1 after epochs 8 and 11; ``schedule`` sets the
+    rest of the SGD settings (lr, warmup ratio and kind, clip, multipliers)."""
     batch = 16
+    return {
+        "data": DataConfig(train_scales=((1333, 800),), test_scale=(1333, 800)),
+        "train": TrainConfig(
+            max_iters=_epochs_to_iters(12, batch),
+            batch_size=batch,
+            checkpoint_every=5000,
+            schedule=ScheduleConfig(
+                warmup_iters=500,
+                steps=(_epochs_to_iters(8, batch), _epochs_to_iters(11, batch)),
+                **schedule,
+            ),
+        ),
+    }
+
+
+def _rcnn_r50_fpn_1x(name: str, description: str, depth: int, with_mask: bool) -> ExperimentConfig:
     return ExperimentConfig(
         name=name,
         description=description,
@@ -50,20 +69,7 @@ def _rcnn_r50_fpn_1x(name: str, description: str, depth: int, with_mask: bool) -
             rpn=RPNConfig(),
             roi_head=RoIHeadConfig(mask_head=FCNMaskHeadConfig() if with_mask else None),
         ),
-        data=DataConfig(train_scales=((1333, 800),), test_scale=(1333, 800)),
-        train=TrainConfig(
-            max_iters=_epochs_to_iters(12, batch),
-            batch_size=batch,
-            checkpoint_every=5000,
-            schedule=ScheduleConfig(
-                base_lr=0.02,
-                momentum=0.9,
-                weight_decay=1e-4,
-                warmup_iters=500,
-                warmup_ratio=0.001,
-                steps=(_epochs_to_iters(8, batch), _epochs_to_iters(11, batch)),
-            ),
-        ),
+        **_coco_1x_run(base_lr=0.02, warmup_ratio=0.001),
     )
 
 
@@ -357,27 +363,18 @@ def fcos_r50_fpn_1x_coco() -> ExperimentConfig:
     """mmdet's FCOS "center-normbbox-centeronreg-giou" recipe (lr 0.01, constant x1/3 warmup
     over 500 iterations, bias lr x2 and no bias decay, 12 epochs, grad clip 35, NMS 0.6) on
     the pytorch-style R-50 of CondInst; mmdet's uses its caffe-style R-50 (issue 14)."""
-    batch = 16
     return ExperimentConfig(
         name="fcos_r50_fpn_1x_coco",
         description="FCOS R-50-FPN (GN head, centre sampling, GIoU), mmdet 1x COCO recipe",
         num_classes=80,
         model=_one_stage_r50(with_mask=False),
-        data=DataConfig(train_scales=((1333, 800),), test_scale=(1333, 800)),
-        train=TrainConfig(
-            max_iters=_epochs_to_iters(12, batch),
-            batch_size=batch,
-            checkpoint_every=5000,
-            schedule=ScheduleConfig(
-                base_lr=0.01,
-                warmup_iters=500,
-                warmup_ratio=1.0 / 3,
-                warmup="constant",
-                steps=(_epochs_to_iters(8, batch), _epochs_to_iters(11, batch)),
-                grad_clip=35.0,
-                bias_lr_mult=2.0,
-                bias_decay_mult=0.0,
-            ),
+        **_coco_1x_run(
+            base_lr=0.01,
+            warmup_ratio=1.0 / 3,
+            warmup="constant",
+            grad_clip=35.0,
+            bias_lr_mult=2.0,
+            bias_decay_mult=0.0,
         ),
     )
 

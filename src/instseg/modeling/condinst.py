@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..layers import ConvModule
 from ..structures import InstanceTargets
-from .dense_heads.fcos import Detections, Positives, level_points, pad_masks
+from .dense_heads.fcos import Detections, Positives, level_points
 from .features import Features, FeatureSpec, common_width, select_specs
 from .losses import dice_loss
 
@@ -226,10 +226,10 @@ class CondInstMaskHead(nn.Module):
         feats: Features,
         positives: list[Positives],
         targets: list[InstanceTargets],
-        padded_size: tuple[int, int],
     ) -> dict[str, Tensor]:
         """Dice loss of (at most ``max_masks_to_train`` random) positives per image, summed and
-        divided by the number of instances kept in the batch."""
+        divided by the number of instances kept in the batch. The targets' masks are at the
+        batch shape (the detector pads them), sampled at ``gt[start::s, start::s]``."""
         cfg = self.cfg
         mask_feats = self.mask_feature_head(feats)
         chosen, image_index, gt_masks = [], [], []
@@ -244,9 +244,7 @@ class CondInstMaskHead(nn.Module):
                 keep = torch.randperm(len(keep), device=keep.device)[: cfg.max_masks_to_train]
             chosen.append((pos, keep))
             image_index.append(torch.full_like(keep, i))
-            sampled = pad_masks(target.masks, padded_size)[
-                :, start :: cfg.mask_out_stride, start :: cfg.mask_out_stride
-            ]
+            sampled = target.masks[:, start :: cfg.mask_out_stride, start :: cfg.mask_out_stride]
             gt_masks.append(sampled[pos.gt_index[keep]])
         if not chosen:
             return {"loss_mask": mask_feats.sum() * 0}
@@ -256,7 +254,7 @@ class CondInstMaskHead(nn.Module):
         logits = self.dynamic_logits(mask_feats, torch.cat(image_index), params, points, strides)
         gt = torch.cat(gt_masks)
         gt = gt[:, : logits.shape[1], : logits.shape[2]]
-        losses = dice_loss(logits, gt.float() > 0.5)
+        losses = dice_loss(logits, gt)
         return {"loss_mask": cfg.loss_weight * losses.sum() / max(len(losses), 1)}
 
     @torch.no_grad()

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...layers import ConvModule
-from ...ops import batched_nms
+from ...ops import batched_nms, clip_boxes_to_image
 from ...structures import InstanceTargets
 from ..features import Features, FeatureSpec, common_width, select_specs
 from ..losses import average, giou_loss, sigmoid_focal_loss
@@ -166,10 +166,7 @@ def distance_to_box(
         ],
         1,
     )
-    if max_shape is not None:
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(min=0, max=max_shape[1])
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(min=0, max=max_shape[0])
-    return boxes
+    return boxes if max_shape is None else clip_boxes_to_image(boxes, max_shape)
 
 
 def mask_centroids(masks: Tensor, dtype: torch.dtype) -> Tensor:
@@ -340,12 +337,12 @@ class FCOSHead(nn.Module):
         )
 
     def loss(
-        self, outputs: HeadOutputs, targets: list[InstanceTargets], padded_size: tuple[int, int]
+        self, outputs: HeadOutputs, targets: list[InstanceTargets]
     ) -> tuple[dict[str, Tensor], list[Positives]]:
         """The FCOS losses of a batch, and each image's positives (for a mask head).
 
-        GT masks (when given) are zero-padded to ``padded_size`` before their centroids are
-        taken, as mmdet's CondInst pads them to the batch shape."""
+        With ``center_from_mask`` the sampling centres are the centroids of the targets'
+        masks (the detector pads them to the batch shape, as mmdet's CondInst does)."""
         cfg = self.cfg
         points, strides, ranges = self.points(outputs)
         cls = self._flatten(outputs.cls)
@@ -357,7 +354,7 @@ class FCOSHead(nn.Module):
         for i, target in enumerate(targets):
             centres = None
             if cfg.center_from_mask and target.masks is not None and len(target) > 0:
-                centres = mask_centroids(pad_masks(target.masks, padded_size), points.dtype)
+                centres = mask_centroids(target.masks, points.dtype)
             assigned, distances = fcos_targets(
                 points,
                 strides,
@@ -436,13 +433,13 @@ class FCOSHead(nn.Module):
                 valid = score > cfg.score_thr
                 candidates = torch.nonzero(valid)
                 kept, order = score[valid].sort(descending=True, stable=True)
-                top = order[: cfg.nms_pre]
+                kept, top = kept[: cfg.nms_pre], order[: cfg.nms_pre]
                 point_index, label = candidates[top].unbind(1)
                 boxes.append(distance_to_box(points[point_index], dist[point_index], image_size))
-                scores.append(kept[: cfg.nms_pre] * ctr[point_index])
+                scores.append(kept * ctr[point_index])
                 labels.append(label)
                 pts.append(points[point_index])
-                strides.append(torch.full_like(kept[: cfg.nms_pre], float(stride)))
+                strides.append(torch.full_like(kept, float(stride)))
                 if outputs.params is not None:
                     p = outputs.params[level][i]
                     params.append(p.permute(1, 2, 0).reshape(-1, p.shape[0])[point_index])
@@ -473,13 +470,3 @@ def _select(det: Detections, index: Tensor) -> Detections:
         det.strides[index],
         None if det.params is None else det.params[index],
     )
-
-
-def pad_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:
-    """``(G, h, w)`` bitmaps zero-padded at the bottom and right to ``size``."""
-    h, w = masks.shape[-2:]
-    if (h, w) == tuple(size):
-        return masks
-    out = masks.new_zeros((masks.shape[0], *size))
-    out[:, :h, :w] = masks
-    return out

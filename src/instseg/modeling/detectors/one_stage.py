@@ -8,7 +8,7 @@ Batches are padded images (``ImageBatch``); the heads work on the whole batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from torch import Tensor
@@ -68,10 +68,12 @@ class OneStageDetector(PyramidDetector):
     ) -> dict[str, Tensor]:
         """Training losses for a batch (``context`` is not used by this detector)."""
         feats = self.features(images)
-        padded = tuple(images.tensor.shape[-2:])
-        losses, positives = self.bbox_head.loss(self.bbox_head(feats), targets, padded)
+        # GT masks at the batch shape, once for both heads (mmdet's pad_mask): CondInst samples
+        # them on the padded grid and takes the FCOS sampling centres from them.
+        targets = _pad_masks(targets, tuple(images.tensor.shape[-2:]))
+        losses, positives = self.bbox_head.loss(self.bbox_head(feats), targets)
         if self.mask_head is not None:
-            losses.update(self.mask_head.loss(feats, positives, targets, padded))
+            losses.update(self.mask_head.loss(feats, positives, targets))
         return losses
 
     def predict(self, images: ImageBatch, infos: list[ImageInfo] | None = None) -> list[Instances]:
@@ -87,3 +89,17 @@ class OneStageDetector(PyramidDetector):
         if infos is not None:
             rescale_to_original(results, infos)
         return results
+
+
+def _pad_masks(targets: list[InstanceTargets], size: tuple[int, int]) -> list[InstanceTargets]:
+    """The targets with their ``(G, h, w)`` masks zero-padded at the bottom and right to
+    ``size`` (box-only targets and masks already of that size as they are)."""
+    padded = []
+    for target in targets:
+        masks = target.masks
+        if masks is not None and tuple(masks.shape[-2:]) != tuple(size):
+            out = masks.new_zeros((masks.shape[0], *size))
+            out[:, : masks.shape[-2], : masks.shape[-1]] = masks
+            target = replace(target, masks=out)
+        padded.append(target)
+    return padded
