@@ -164,7 +164,7 @@ def test_overrides_convert_to_the_declared_types():
         ("model.roi_head.with_mask=true", r"roi_head has no 'with_mask' \(valid: .*mask_head"),
         (
             "model.roi_head.mask_head=maybe",
-            r"mask_head: unknown choice 'maybe'; allowed: fcn, refinemask, none",
+            r"mask_head: unknown choice 'maybe'; allowed: fcn, refinemask, ifr, none",
         ),
         (
             "model.roi_head.box_extractor=x",

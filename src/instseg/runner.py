@@ -44,7 +44,10 @@ def with_detection_cap(cfg: ExperimentConfig, max_dets: int) -> ExperimentConfig
 
 def eval_transform(cfg: ExperimentConfig) -> DetectionTransform:
     tcfg = TransformConfig(
-        scales=(cfg.data.test_scale,), flip_prob=0.0, size_divisor=cfg.train.size_divisor
+        scales=(cfg.data.test_scale,),
+        flip_prob=0.0,
+        size_divisor=cfg.train.size_divisor,
+        **_normalisation(cfg),
     )
     return DetectionTransform(tcfg, train=False)
 
@@ -54,8 +57,14 @@ def _train_transform(cfg: ExperimentConfig) -> DetectionTransform:
         scales=cfg.data.train_scales,
         flip_prob=cfg.data.flip_prob,
         size_divisor=cfg.train.size_divisor,
+        **_normalisation(cfg),
     )
     return DetectionTransform(tcfg, train=True)
+
+
+def _normalisation(cfg: ExperimentConfig) -> dict:
+    data = cfg.data
+    return {"mean": tuple(data.pixel_mean), "std": tuple(data.pixel_std), "bgr": data.bgr}
 
 
 @dataclass

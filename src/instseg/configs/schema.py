@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..engine import TrainConfig
 from ..modeling.detectors import ModelChoice, TwoStageConfig
 
 
 @dataclass
 class DataConfig:
-    """Where the data is and how images are sized. Paths may also come from the CLI."""
+    """Where the data is, how images are sized and normalised. Paths may also come from the
+    CLI. ``pixel_mean``/``pixel_std`` are in the network's channel order: RGB, or BGR with
+    ``bgr=True`` (detectron2/cvpods MSRA backbones: mean (103.53, 116.28, 123.675), std 1)."""
 
     train_ann: str | None = None
     train_images: str | None = None
@@ -25,12 +28,20 @@ class DataConfig:
     test_scale: tuple[int, int] = (1333, 800)
     flip_prob: float = 0.5
     skip_empty: bool = True
+    pixel_mean: tuple[float, float, float] = IMAGENET_MEAN
+    pixel_std: tuple[float, float, float] = IMAGENET_STD
+    bgr: bool = False
 
     def __post_init__(self) -> None:
         if not self.train_scales:
             raise ValueError("data.train_scales must not be empty")
         if not 0.0 <= self.flip_prob <= 1.0:
             raise ValueError(f"data.flip_prob must be in [0, 1], got {self.flip_prob}")
+        if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or min(self.pixel_std) <= 0:
+            raise ValueError(
+                "data.pixel_mean and data.pixel_std must be 3 values each, the std positive; "
+                f"got {self.pixel_mean}, {self.pixel_std}"
+            )
 
 
 @dataclass

@@ -24,13 +24,16 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 
 @dataclass
 class TransformConfig:
-    """``scales`` are ``(long_edge, short_edge)`` limits; training picks one per image."""
+    """``scales`` are ``(long_edge, short_edge)`` limits; training picks one per image.
+    ``mean``/``std`` normalise the channels in the network's order: RGB, or BGR with
+    ``bgr`` (detectron2's MSRA backbones: BGR mean, std 1)."""
 
     scales: tuple[tuple[int, int], ...] = ((1333, 800),)
     flip_prob: float = 0.5
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     size_divisor: int = 32
+    bgr: bool = False
 
     def __post_init__(self) -> None:
         self.scales = tuple(tuple(int(v) for v in s) for s in self.scales)  # type: ignore[assignment]
@@ -81,6 +84,8 @@ class DetectionTransform:
 
     def _image_tensor(self, image: np.ndarray, size: tuple[int, int], flip: bool) -> Tensor:
         tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+        if self.cfg.bgr:
+            tensor = tensor.flip(0)
         tensor = resize_image(tensor, size)
         if flip:
             tensor = tensor.flip(-1)

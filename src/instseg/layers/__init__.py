@@ -3,12 +3,14 @@
 from .context_block import ContextBlock
 from .conv_module import ACTIVATIONS, ConvModule, ConvModuleConfig
 from .generalized_attention import GeneralizedAttention, GeneralizedAttentionConfig
+from .init import WEIGHT_INITS, init_weight
 from .non_local import NonLocal2d, NonLocalConfig
 from .norm import NORM_KINDS, FrozenBatchNorm2d, build_norm
 
 __all__ = [
     "ACTIVATIONS",
     "NORM_KINDS",
+    "WEIGHT_INITS",
     "ContextBlock",
     "ConvModule",
     "ConvModuleConfig",
@@ -18,4 +20,5 @@ __all__ = [
     "NonLocal2d",
     "NonLocalConfig",
     "build_norm",
+    "init_weight",
 ]

@@ -1,4 +1,5 @@
-"""Losses of the one-stage detectors (FCOS, CondInst; spec §4.3, §4.5), with mmdet's formulas.
+"""Losses shared by the detectors (FCOS, CondInst: spec §4.3, §4.5; the R-CNN box losses), with
+mmdet's formulas.
 
 Each returns per-element (or per-instance) losses; the caller sums and normalises, as the
 recipes normalise by counts gathered over the whole batch. ``average`` is mmdet's
@@ -17,6 +18,15 @@ _FLOAT32_EPS = torch.finfo(torch.float32).eps
 def average(losses: Tensor, avg_factor: float | Tensor) -> Tensor:
     """``losses.sum() / (avg_factor + eps)``: mmdet's mean with an explicit normaliser."""
     return losses.sum() / (avg_factor + _FLOAT32_EPS)
+
+
+def smooth_l1(diff: Tensor, beta: float) -> Tensor:
+    """Per-element smooth L1 of ``diff = pred - target``: ``0.5 d^2 / beta`` below ``beta``,
+    ``|d| - beta / 2`` above; ``beta = 0`` is L1 (mmdet ``SmoothL1Loss``, detectron2's)."""
+    d = diff.abs()
+    if beta <= 0:
+        return d
+    return torch.where(d < beta, 0.5 * d * d / beta, d - 0.5 * beta)
 
 
 def sigmoid_focal_loss(

@@ -3,8 +3,10 @@
 Parameter and buffer names are torchvision's (``conv1``, ``bn1``, ``layer1.0.conv1``,
 ``layer2.0.downsample.0`` ...), less the classifier, so a torchvision ImageNet state dict
 loads key for key. Bottlenecks put the stride on the 3x3 conv ('pytorch' style, as
-torchvision and mmdet's default). ``frozen_stages`` and ``norm_eval`` behave as in mmdet's
-``ResNet`` (spec §1.5: Mask R-CNN R50-FPN uses ``frozen_stages=1``, ``norm_eval=True``).
+torchvision and mmdet's default) or, with ``style="caffe"``, on the first 1x1 conv (the MSRA
+weights of detectron2/cvpods, ``STRIDE_IN_1X1=True``). ``frozen_stages`` and ``norm_eval``
+behave as in mmdet's ``ResNet`` (spec §1.5: Mask R-CNN R50-FPN uses ``frozen_stages=1``,
+``norm_eval=True``).
 GCNet context blocks plug into chosen stages under mmdet's plugin name (spec §2.3).
 """
 
@@ -26,6 +28,7 @@ from instseg.layers.context_block import ContextBlock
 logger = logging.getLogger("instseg.backbone")
 
 RESNET_DEPTHS: tuple[int, ...] = (18, 34, 50, 101)
+RESNET_STYLES: tuple[str, ...] = ("pytorch", "caffe")
 _STAGE_STRIDES = (4, 8, 16, 32)
 _GN_GROUPS = 32
 
@@ -57,6 +60,10 @@ class ResNetConfig:
     (R-50-FPN Mask R-CNN at 800x1333 on our 2-core CPU: training 23% faster); the numbers
     are the same up to float summation order. The weights keep their layout, so checkpoints
     do not depend on it.
+
+    ``style``: "pytorch" (stride on the 3x3 conv of a Bottleneck) or "caffe" (on its first
+    1x1 conv: detectron2's MSRA R-50, with ``norm="FrozenBN"``, ``frozen_stages=1`` for
+    ``FREEZE_AT=2``, and BGR input with std 1, set in ``data``).
     """
 
     depth: int = 50
@@ -70,8 +77,13 @@ class ResNetConfig:
     context_block_stages: tuple[bool, bool, bool, bool] = (False, False, False, False)
     context_block_ratio: float = 0.25
     channels_last: bool = True
+    style: str = "pytorch"
 
     def __post_init__(self) -> None:
+        if self.style not in RESNET_STYLES:
+            raise ValueError(
+                f"ResNetConfig.style must be one of {list(RESNET_STYLES)}, got {self.style!r}"
+            )
         if self.depth not in RESNET_DEPTHS:
             raise ValueError(
                 f"ResNetConfig.depth must be one of {list(RESNET_DEPTHS)}, got {self.depth!r}"
@@ -213,8 +225,9 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3 (carrying the stride), 1x1 expand by 4, plus identity (ResNet-50/101);
-    with ``context_ratio``, a ``context_block`` after bn3."""
+    """1x1 reduce, 3x3, 1x1 expand by 4, plus identity (ResNet-50/101). The stride is on the
+    3x3 conv, or on the first 1x1 with ``stride_in_1x1`` (caffe style); with
+    ``context_ratio``, a ``context_block`` after bn3."""
 
     expansion = 4
 
@@ -226,11 +239,12 @@ class Bottleneck(nn.Module):
         norm: str,
         downsample: nn.Module | None = None,
         context_ratio: float | None = None,
+        stride_in_1x1: bool = False,
     ) -> None:
         super().__init__()
-        self.conv1 = _conv1x1(in_channels, planes)
+        self.conv1 = _conv1x1(in_channels, planes, stride if stride_in_1x1 else 1)
         self.bn1 = build_norm(norm, planes)
-        self.conv2 = _conv3x3(planes, planes, stride)
+        self.conv2 = _conv3x3(planes, planes, 1 if stride_in_1x1 else stride)
         self.bn2 = build_norm(norm, planes)
         self.conv3 = _conv1x1(planes, planes * self.expansion)
         self.bn3 = build_norm(norm, planes * self.expansion)
@@ -265,16 +279,23 @@ def _make_stage(
     stride: int,
     norm: str,
     context_ratio: float | None = None,
+    caffe_style: bool = False,
 ) -> nn.Sequential:
     """One stage; the first block changes stride/width through a 1x1 conv + norm shortcut.
-    ``context_ratio`` (when set) gives every block a ContextBlock of that ratio."""
+    ``context_ratio`` (when set) gives every block a ContextBlock of that ratio;
+    ``caffe_style`` puts a Bottleneck's stride on its first 1x1 conv."""
     out_channels = planes * block.expansion
     downsample = None
     if stride != 1 or in_channels != out_channels:
         downsample = nn.Sequential(
             _conv1x1(in_channels, out_channels, stride), build_norm(norm, out_channels)
         )
-    blocks = [block(in_channels, planes, stride, norm, downsample, context_ratio)]
+    first = (
+        Bottleneck(in_channels, planes, stride, norm, downsample, context_ratio, True)
+        if caffe_style and block is Bottleneck
+        else block(in_channels, planes, stride, norm, downsample, context_ratio)
+    )
+    blocks = [first]
     blocks += [
         block(out_channels, planes, 1, norm, context_ratio=context_ratio)
         for _ in range(num_blocks - 1)
@@ -368,7 +389,16 @@ class ResNet(nn.Module):
             context_ratio = cfg.context_block_ratio if cfg.context_block_stages[i] else None
             stride = 1 if i == 0 else 2
             stages.append(
-                _make_stage(block, in_channels, planes, num_blocks, stride, cfg.norm, context_ratio)
+                _make_stage(
+                    block,
+                    in_channels,
+                    planes,
+                    num_blocks,
+                    stride,
+                    cfg.norm,
+                    context_ratio,
+                    caffe_style=cfg.style == "caffe",
+                )
             )
             in_channels = planes * block.expansion
             stage_channels.append(in_channels)

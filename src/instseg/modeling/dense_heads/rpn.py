@@ -3,9 +3,10 @@
 A shared 3x3 conv + ReLU over every level the neck gives (its widths and strides come from
 the neck's feature specs; anchors of stride s per level), then a 1x1 objectness logit and a 1x1 box
 delta per anchor. Training: MaxIoU assignment (0.7 / 0.3, low-quality matches), 256 random
-samples per image at half positive, sigmoid BCE and L1 on the deltas, both averaged over
-the sampled anchors of the batch. Proposals: per level the top ``nms_pre`` scores, decode,
-drop boxes smaller than ``min_box_size``, NMS per level (0.7), keep the best ``max_per_image``.
+samples per image at half positive, sigmoid BCE and L1 (or smooth L1) on the deltas, both
+averaged over the sampled anchors of the batch. Proposals: per level the top ``nms_pre``
+scores, decode, drop boxes smaller than ``min_box_size``, NMS per level (0.7), keep the best
+``max_per_image``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ...ops import batched_nms, clip_boxes_to_image, decode_deltas, encode_delta
 from ...structures import InstanceTargets
 from ..anchors import AnchorGenerator, AssignerConfig, assign, sample
 from ..features import Features, FeatureSpec, common_width
+from ..losses import smooth_l1
 
 
 @dataclass
@@ -42,8 +44,19 @@ class RPNConfig:
     min_box_size: float = 0.0
     loss_cls_weight: float = 1.0
     loss_bbox_weight: float = 1.0
+    loss_bbox_beta: float = 0.0  # smooth-L1 beta; 0 = L1 (Mask R-CNN 3.x), 1/9: Cascade R-CNN
+    # Both losses are sums divided by: "sampled", the anchors sampled in the batch (mmdet);
+    # "per_image", num_samples x images (detectron2, whatever the sampler found).
+    loss_normalizer: str = "sampled"
 
     def __post_init__(self) -> None:
+        if self.loss_normalizer not in ("sampled", "per_image"):
+            raise ValueError(
+                "rpn.loss_normalizer must be one of ('sampled', 'per_image'), got "
+                f"{self.loss_normalizer!r}"
+            )
+        if self.loss_bbox_beta < 0:
+            raise ValueError(f"rpn.loss_bbox_beta must be >= 0, got {self.loss_bbox_beta}")
         if self.feat_channels is not None and self.feat_channels <= 0:
             raise ValueError(f"rpn.feat_channels must be positive, got {self.feat_channels}")
         for name in (
@@ -133,8 +146,12 @@ class RPNHead(nn.Module):
             )
             gt = target.boxes[assigned[pos] - 1]
             reg_targets = encode_deltas(anchors[pos], gt)
-            reg_losses.append((all_deltas[i, pos] - reg_targets).abs().sum())
+            reg_losses.append(
+                smooth_l1(all_deltas[i, pos] - reg_targets, self.cfg.loss_bbox_beta).sum()
+            )
             num_samples += chosen.numel()
+        if self.cfg.loss_normalizer == "per_image":
+            num_samples = self.cfg.num_samples * len(targets)
         avg = max(num_samples, 1)
         return {
             "loss_rpn_cls": self.cfg.loss_cls_weight * torch.stack(cls_losses).sum() / avg,

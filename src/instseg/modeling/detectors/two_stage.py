@@ -1,8 +1,9 @@
 """Faster R-CNN and Mask R-CNN: backbone -> FPN -> RPN -> RoI heads -> post-process.
 
 Mask R-CNN is Faster R-CNN with a mask head (``roi_head.mask_head``, None for Faster
-R-CNN); RefineMask is Mask R-CNN with ``roi_head.mask_head=refinemask``; GRoIE swaps the
-RoI extractors. Batches hold images of different sizes padded together (``ImageBatch``);
+R-CNN); RefineMask is Mask R-CNN with ``roi_head.mask_head=refinemask``, IFR with
+``roi_head.mask_head=ifr``; GRoIE swaps the RoI extractors; Cascade R-CNN is
+``roi_head=cascade``. Batches hold images of different sizes padded together (``ImageBatch``);
 every stage works on the whole batch.
 """
 
@@ -17,7 +18,7 @@ from ...structures import ImageBatch, ImageInfo, Instances, InstanceTargets, Tra
 from ..backbone import ResNetConfig
 from ..dense_heads import RPNConfig, RPNHead
 from ..neck import FPNConfig
-from ..roi import RoIHeadConfig
+from ..roi import CascadeRoIHeadConfig, RoIHeadConfig
 from .base import PyramidDetector
 
 
@@ -27,8 +28,7 @@ class TwoStageConfig:
     backbone: ResNetConfig = field(default_factory=ResNetConfig)
     neck: FPNConfig = field(default_factory=FPNConfig)
     rpn: RPNConfig = field(default_factory=RPNConfig)
-    # A cascade RoI head joins here: ``RoIHeadConfig | CascadeRoIHeadConfig``.
-    roi_head: RoIHeadConfig = field(default_factory=RoIHeadConfig)
+    roi_head: RoIHeadConfig | CascadeRoIHeadConfig = field(default_factory=RoIHeadConfig)
 
     @property
     def with_masks(self) -> bool:
@@ -59,10 +59,11 @@ class TwoStageDetector(PyramidDetector):
         targets: list[InstanceTargets],
         context: TrainingContext | None = None,
     ) -> dict[str, Tensor]:
-        """Training losses for a batch (``context`` is not used by this detector)."""
+        """Training losses for a batch; ``context`` reaches the RoI head's mask head (IFR's
+        phase switch)."""
         feats = self.features(images)
         losses, proposals = self.rpn_head.loss_and_proposals(feats, images.image_sizes, targets)
-        losses.update(self.roi_head.loss(feats, proposals, targets))
+        losses.update(self.roi_head.loss(feats, proposals, targets, images.image_sizes, context))
         return losses
 
     def predict(self, images: ImageBatch, infos: list[ImageInfo] | None = None) -> list[Instances]:

@@ -19,6 +19,7 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...layers import WEIGHT_INITS, init_weight
 from ..features import FeatureSpec, level_name
 
 EXTRA_CONV_SOURCES = ("none", "on_input", "on_lateral", "on_output")
@@ -28,15 +29,20 @@ EXTRA_CONV_SOURCES = ("none", "on_input", "on_lateral", "on_output")
 class FPNConfig:
     """Output width of every level, how many levels to return (inputs plus extra ones), the
     first backbone level used (``start_level=1``: C3 on, as FCOS) and how extra levels are
-    made (``add_extra_convs``, one of :data:`EXTRA_CONV_SOURCES`; ``"none"`` max-pools)."""
+    made (``add_extra_convs``, one of :data:`EXTRA_CONV_SOURCES`; ``"none"`` max-pools).
+    ``init`` initialises the conv weights (biases 0): "xavier_uniform" (mmdet) or
+    "c2_xavier" (detectron2)."""
 
     out_channels: int = 256
     num_outs: int = 5
     start_level: int = 0
     add_extra_convs: Literal["none", "on_input", "on_lateral", "on_output"] = "none"
     relu_before_extra_convs: bool = False
+    init: str = "xavier_uniform"
 
     def __post_init__(self) -> None:
+        if self.init not in WEIGHT_INITS:
+            raise ValueError(f"FPNConfig.init must be one of {WEIGHT_INITS}, got {self.init!r}")
         if self.add_extra_convs not in EXTRA_CONV_SOURCES:
             raise ValueError(
                 f"FPNConfig.add_extra_convs must be one of {EXTRA_CONV_SOURCES}, "
@@ -143,7 +149,7 @@ class FPN(nn.Module):
                 self.fpn_convs.append(_ConvWithBias(width, cfg.out_channels, 3, stride=2))
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
-                nn.init.xavier_uniform_(module.weight)
+                init_weight(module.weight, cfg.init)
                 nn.init.zeros_(module.bias)
 
     def forward(self, features: Sequence[Tensor]) -> list[Tensor]:

@@ -1,5 +1,7 @@
-"""RoI feature extraction (single-level and GRoIE), sampling, and the R-CNN heads."""
+"""RoI feature extraction (single-level and GRoIE), sampling, the R-CNN heads (box; mask:
+FCN, RefineMask, IFR) and the RoI heads that drive them (single-stage, cascade)."""
 
+from .cascade import CascadeRoIHead, CascadeRoIHeadConfig
 from .extractor import (
     RoIExtractorChoice,
     RoIExtractorConfig,
@@ -15,19 +17,24 @@ from .heads import (
     Shared2FCBoxHead,
     select_class,
 )
+from .ifr import IFRMaskHead, IFRMaskHeadConfig
 from .mask_branch import MaskHead, MaskHeadConfig, crop_mask_targets
 from .pooling import RoIPoolingConfig, pool_level, rescale_rois
 from .refinemask import REFINEMASK_VARIANTS, RefineMaskHead, RefineMaskHeadConfig
-from .sampling import SampledRoIs, boxes_to_rois, sample_rois
+from .sampling import SampledRoIs, boxes_to_rois, label_rois, sample_rois
 from .standard import MaskHeadChoice, RoIHeadConfig, StandardRoIHead
 
 __all__ = [
     "REFINEMASK_VARIANTS",
     "BoxHeadConfig",
+    "CascadeRoIHead",
+    "CascadeRoIHeadConfig",
     "FCNMaskHead",
     "FCNMaskHeadConfig",
     "GRoIEConfig",
     "GenericRoIExtractor",
+    "IFRMaskHead",
+    "IFRMaskHeadConfig",
     "MaskHead",
     "MaskHeadChoice",
     "MaskHeadConfig",
@@ -44,6 +51,7 @@ __all__ = [
     "boxes_to_rois",
     "build_roi_extractor",
     "crop_mask_targets",
+    "label_rois",
     "map_roi_levels",
     "pool_level",
     "rescale_rois",

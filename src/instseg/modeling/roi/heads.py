@@ -14,9 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...layers import WEIGHT_INITS, init_weight
 from ...ops import decode_deltas, encode_deltas
-from ...structures import InstanceTargets
+from ...structures import InstanceTargets, TrainingContext
 from ..features import Features, FeatureSpec
+from ..losses import smooth_l1
 from .mask_branch import crop_mask_targets
 from .sampling import SampledRoIs, boxes_to_rois
 
@@ -25,7 +27,10 @@ from .sampling import SampledRoIs, boxes_to_rois
 class BoxHeadConfig:
     """The box head, its box coder (mmdet ``DeltaXYWHBBoxCoder``: ``target_means``,
     ``target_stds``) and its losses. ``roi_size`` is what its extractor pools;
-    ``class_agnostic`` regresses one box per RoI instead of one per class (Cascade R-CNN)."""
+    ``class_agnostic`` regresses one box per RoI instead of one per class (Cascade R-CNN);
+    ``loss_bbox_beta`` is the smooth-L1 beta of the box loss (0: L1, the Mask R-CNN 3.x and
+    detectron2 recipes; 1.0: mmdet's Cascade R-CNN); ``fc_init`` initialises the shared FCs
+    ("xavier_uniform": mmdet, "c2_xavier": detectron2)."""
 
     roi_size: int = 7
     fc_channels: int = 1024
@@ -35,8 +40,16 @@ class BoxHeadConfig:
     target_stds: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)
     loss_cls_weight: float = 1.0
     loss_bbox_weight: float = 1.0
+    loss_bbox_beta: float = 0.0
+    fc_init: str = "xavier_uniform"
 
     def __post_init__(self) -> None:
+        if self.fc_init not in WEIGHT_INITS:
+            raise ValueError(
+                f"box_head.fc_init must be one of {WEIGHT_INITS}, got {self.fc_init!r}"
+            )
+        if self.loss_bbox_beta < 0:
+            raise ValueError(f"box_head.loss_bbox_beta must be >= 0, got {self.loss_bbox_beta}")
         for name in ("roi_size", "fc_channels", "num_fcs"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"box_head.{name} must be positive, got {getattr(self, name)}")
@@ -57,7 +70,7 @@ class Shared2FCBoxHead(nn.Module):
         self.fc_cls = nn.Linear(dims[-1], num_classes + 1)
         self.fc_reg = nn.Linear(dims[-1], 4 if cfg.class_agnostic else 4 * num_classes)
         for fc in self.shared_fcs:
-            nn.init.xavier_uniform_(fc.weight)
+            init_weight(fc.weight, cfg.fc_init)
             nn.init.zeros_(fc.bias)
         nn.init.normal_(self.fc_cls.weight, std=0.01)
         nn.init.normal_(self.fc_reg.weight, std=0.001)
@@ -71,9 +84,9 @@ class Shared2FCBoxHead(nn.Module):
         return self.fc_cls(x), self.fc_reg(x)
 
     def loss(self, cls_score: Tensor, bbox_pred: Tensor, sampled: SampledRoIs) -> dict[str, Tensor]:
-        """Softmax cross-entropy over the sampled RoIs; L1 on the positives' normalised
-        deltas (of their GT class unless class-agnostic), summed and divided by the number of
-        sampled RoIs (mmdet's ``avg_factor``)."""
+        """Softmax cross-entropy over the sampled RoIs; smooth L1 (``loss_bbox_beta``) on the
+        positives' normalised deltas (of their GT class unless class-agnostic), summed and
+        divided by the number of sampled RoIs (mmdet's ``avg_factor``)."""
         cfg = self.cfg
         reg_targets = [
             encode_deltas(boxes, gt, cfg.target_means, cfg.target_stds)
@@ -83,7 +96,7 @@ class Shared2FCBoxHead(nn.Module):
         return {
             "loss_cls": cfg.loss_cls_weight * F.cross_entropy(cls_score, sampled.labels),
             "loss_bbox": cfg.loss_bbox_weight
-            * (pos_pred - torch.cat(reg_targets)).abs().sum()
+            * smooth_l1(pos_pred - torch.cat(reg_targets), cfg.loss_bbox_beta).sum()
             / max(cls_score.shape[0], 1),
         }
 
@@ -103,6 +116,20 @@ class Shared2FCBoxHead(nn.Module):
     def _deltas(self, bbox_pred: Tensor) -> Tensor:
         """``(N, C, 4)`` deltas: ``C = num_classes``, or 1 when class-agnostic."""
         return bbox_pred.view(bbox_pred.shape[0], -1, 4)
+
+
+def mask_bce_loss(logits: Tensor, sampled: SampledRoIs, targets: list[InstanceTargets]) -> Tensor:
+    """Mask R-CNN's mask loss: per-pixel BCE of each positive's GT-class logits against its
+    GT mask cropped by the RoI (RoIAlign at the logits' size, >= 0.5), averaged over pixels;
+    ``logits`` are ``(P, C, M, M)`` for the positives of ``sampled`` in order."""
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    (mask_targets,) = crop_mask_targets(
+        sampled.pos_boxes, sampled.pos_gt_index, targets, [logits.shape[-1]]
+    )
+    return F.binary_cross_entropy_with_logits(
+        select_class(logits, sampled.pos_labels), mask_targets.to(logits.dtype)
+    )
 
 
 def select_class(per_class: Tensor, labels: Tensor) -> Tensor:
@@ -177,20 +204,11 @@ class FCNMaskHead(nn.Module):
         extractor: nn.Module,
         sampled: SampledRoIs,
         targets: list[InstanceTargets],
+        context: TrainingContext | None = None,
     ) -> dict[str, Tensor]:
-        """Per-pixel BCE of each positive's GT-class logits against its GT mask cropped by
-        the RoI (RoIAlign at 28x28, >= 0.5), averaged over pixels."""
         rois = boxes_to_rois(sampled.pos_boxes)
         logits = self(extractor(feats, rois))
-        if rois.shape[0] == 0:
-            return {"loss_mask": logits.sum() * 0.0}
-        (mask_targets,) = crop_mask_targets(
-            sampled.pos_boxes, sampled.pos_gt_index, targets, [logits.shape[-1]]
-        )
-        loss = F.binary_cross_entropy_with_logits(
-            select_class(logits, sampled.pos_labels), mask_targets.to(logits.dtype)
-        )
-        return {"loss_mask": self.cfg.loss_weight * loss}
+        return {"loss_mask": self.cfg.loss_weight * mask_bce_loss(logits, sampled, targets)}
 
     def predict_probs(
         self, feats: Features, extractor: nn.Module, rois: Tensor, labels: Tensor

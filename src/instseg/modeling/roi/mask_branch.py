@@ -1,4 +1,4 @@
-"""What a RoI head needs from a mask head, so that any head (FCN, RefineMask, later IFR)
+"""What a RoI head needs from a mask head, so that any head (FCN, RefineMask, IFR)
 plugs into any RoI head (single-stage, cascade), and the targets they share."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ...ops import clip_boxes_to_image
 from ...ops.roi_align import roi_taps
-from ...structures import InstanceTargets
+from ...structures import InstanceTargets, TrainingContext
 from ..features import Features, FeatureSpec
 from .sampling import SampledRoIs
 
@@ -25,8 +25,10 @@ class MaskHead(Protocol):
         extractor: nn.Module,
         sampled: SampledRoIs,
         targets: list[InstanceTargets],
+        context: TrainingContext | None = None,
     ) -> dict[str, Tensor]:
-        """Losses on the positive RoIs of ``sampled``."""
+        """Losses on the positive RoIs of ``sampled``; ``context`` says where training
+        stands (IFR switches phase on it)."""
         ...
 
     def predict_probs(

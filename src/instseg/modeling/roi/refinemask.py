@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ...layers import ConvModule
 from ...ops import roi_align
-from ...structures import InstanceTargets
+from ...structures import InstanceTargets, TrainingContext
 from ..features import Features, FeatureSpec, select_specs
 from .mask_branch import crop_mask_targets
 from .sampling import SampledRoIs, boxes_to_rois
@@ -558,6 +558,7 @@ class RefineMaskHead(nn.Module):
         extractor: nn.Module,
         sampled: SampledRoIs,
         targets: list[InstanceTargets],
+        context: TrainingContext | None = None,
     ) -> dict[str, Tensor]:
         """Training: the positives' targets at every stage size (14, 28, 56, 112) and the
         semantic target (union of each image's GT masks) for the semantic branch."""

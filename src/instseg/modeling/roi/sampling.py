@@ -1,5 +1,6 @@
 """RoI sampling for training (mmdet ``MaxIoUAssigner`` + ``RandomSampler`` over proposals
-plus the GT boxes), as one function that a single-stage and a cascade RoI head both call."""
+plus the GT boxes), as one function that a single-stage and a cascade RoI head both call,
+and the labelling without sampling of detectron2's later cascade stages."""
 
 from __future__ import annotations
 
@@ -77,3 +78,23 @@ def sample_rois(
     return SampledRoIs(
         boxes, torch.cat(labels), num_classes, pos_boxes, pos_gt_index, pos_gt_boxes, is_gt
     )
+
+
+def label_rois(
+    boxes: list[Tensor], targets: list[InstanceTargets], assigner: AssignerConfig, num_classes: int
+) -> SampledRoIs:
+    """Every box labelled by MaxIoU assignment, none sampled and no GT added (detectron2's
+    later cascade stages): per image the positives first, then the rest as background
+    (candidates the assigner ignores count as background)."""
+    out, labels, pos_boxes, pos_gt_index, pos_gt_boxes = [], [], [], [], []
+    for image_boxes, target in zip(boxes, targets, strict=True):
+        assigned = assign(image_boxes, target.boxes, assigner, target.ignore_boxes)
+        positive = assigned > 0
+        gt_index = assigned[positive] - 1
+        out.append(torch.cat([image_boxes[positive], image_boxes[~positive]]))
+        background = torch.full_like(assigned[~positive], num_classes)
+        labels.append(torch.cat([target.labels[gt_index], background]))
+        pos_boxes.append(image_boxes[positive])
+        pos_gt_index.append(gt_index)
+        pos_gt_boxes.append(target.boxes[gt_index])
+    return SampledRoIs(out, torch.cat(labels), num_classes, pos_boxes, pos_gt_index, pos_gt_boxes)

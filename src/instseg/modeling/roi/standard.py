@@ -8,29 +8,31 @@ the mask branch (its extractor -> any :class:`.mask_branch.MaskHead`: FCN, Refin
 Inference: softmax scores, boxes decoded by the box head and clipped to the image,
 per-class NMS over the candidates above ``score_thr``, the best ``max_per_image``; the mask
 head's probabilities for the kept boxes are pasted into the original image (spec §1.4).
-A cascade RoI head drives the same parts stage by stage.
+A cascade RoI head (:mod:`.cascade`) drives the same parts stage by stage.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...structures import ImageInfo, Instances, InstanceTargets
+from ...structures import ImageInfo, Instances, InstanceTargets, TrainingContext
 from ..anchors import AssignerConfig, SamplerConfig
 from ..features import Features, FeatureSpec
 from ..postprocess import multiclass_nms, paste_masks, rescale_to_original
 from .extractor import RoIExtractorChoice, RoIExtractorConfig, build_roi_extractor
 from .heads import BoxHeadConfig, FCNMaskHeadConfig, Shared2FCBoxHead
+from .ifr import IFRMaskHeadConfig
 from .refinemask import RefineMaskHeadConfig
 from .sampling import boxes_to_rois, sample_rois
 
-MaskHeadChoice = FCNMaskHeadConfig | RefineMaskHeadConfig
-"""A mask head config: ``kind`` "fcn" (Mask R-CNN) or "refinemask" (spec §3)."""
+MaskHeadChoice = FCNMaskHeadConfig | RefineMaskHeadConfig | IFRMaskHeadConfig
+"""A mask head config: ``kind`` "fcn" (Mask R-CNN), "refinemask" (spec §3) or "ifr" (§5)."""
 
 
 @dataclass
@@ -83,14 +85,23 @@ class StandardRoIHead(nn.Module):
             )
 
     def loss(
-        self, feats: Features, proposals: list[Tensor], targets: list[InstanceTargets]
+        self,
+        feats: Features,
+        proposals: list[Tensor],
+        targets: list[InstanceTargets],
+        image_sizes: list[tuple[int, int]],
+        context: TrainingContext | None = None,
     ) -> dict[str, Tensor]:
+        """Box (and mask) losses on the RoIs sampled from ``proposals``; ``image_sizes`` is
+        unused here (a cascade clips its refined boxes to them)."""
         cfg = self.cfg
         sampled = sample_rois(proposals, targets, cfg.assigner, cfg.sampler, self.num_classes)
         cls_score, bbox_pred = self.bbox_head(self.bbox_roi_extractor(feats, sampled.rois))
         losses = self.bbox_head.loss(cls_score, bbox_pred, sampled)
         if self.with_mask:
-            losses.update(self.mask_head.loss(feats, self.mask_roi_extractor, sampled, targets))
+            losses.update(
+                self.mask_head.loss(feats, self.mask_roi_extractor, sampled, targets, context)
+            )
         return losses
 
     @torch.no_grad()
@@ -103,43 +114,58 @@ class StandardRoIHead(nn.Module):
     ) -> list[Instances]:
         """Detections per image, in original image coordinates when ``infos`` is given (else
         in the network input frame)."""
-        cfg = self.cfg
         rois = boxes_to_rois(proposals)
         cls_score, bbox_pred = self.bbox_head(self.bbox_roi_extractor(feats, rois))
-        scores_all = F.softmax(cls_score, dim=1)[:, : self.num_classes]
+        scores = F.softmax(cls_score, dim=1)[:, : self.num_classes]
         counts = [p.shape[0] for p in proposals]
-        results = [
-            multiclass_nms(
-                self.bbox_head.decode(props, deltas, image_sizes[i]),
-                scores,
-                cfg.score_thr,
-                cfg.nms_iou,
-                cfg.max_per_image,
-            )
-            for i, (props, scores, deltas) in enumerate(
-                zip(proposals, scores_all.split(counts), bbox_pred.split(counts), strict=True)
+        boxes = [
+            self.bbox_head.decode(props, deltas, image_sizes[i])
+            for i, (props, deltas) in enumerate(
+                zip(proposals, bbox_pred.split(counts), strict=True)
             )
         ]
-        # Mask RoIs live in the network input frame: take the boxes before rescaling them.
-        input_boxes = [r.boxes for r in results]
-        if infos is not None:
-            rescale_to_original(results, infos)
+        mask_probs = None
         if self.with_mask:
-            self._predict_masks(feats, results, input_boxes, image_sizes, infos)
-        return results
 
-    def _predict_masks(
-        self,
-        feats: Features,
-        results: list[Instances],
-        input_boxes: list[Tensor],
-        image_sizes: list[tuple[int, int]],
-        infos: list[ImageInfo] | None,
-    ) -> None:
-        rois = boxes_to_rois(input_boxes)
+            def mask_probs(rois: Tensor, labels: Tensor) -> Tensor:
+                return self.mask_head.predict_probs(feats, self.mask_roi_extractor, rois, labels)
+
+        return detect(boxes, list(scores.split(counts)), self.cfg, image_sizes, infos, mask_probs)
+
+
+def detect(
+    boxes: list[Tensor],
+    scores: list[Tensor],
+    cfg: DetectionSettings,
+    image_sizes: list[tuple[int, int]],
+    infos: list[ImageInfo] | None,
+    mask_probs: Callable[[Tensor, Tensor], Tensor] | None,
+) -> list[Instances]:
+    """The R-CNN test-time tail shared by the RoI heads: per image, ``(N, C, 4)`` decoded
+    boxes and ``(N, C)`` class scores -> per-class NMS over the pairs above ``score_thr``,
+    the best ``max_per_image``; boxes back to the original frame when ``infos`` is given;
+    then, with ``mask_probs(rois, labels)`` (the mask head's ``(K, M, M)`` probabilities of
+    RoIs in the network input frame), masks pasted into each detection's final box."""
+    results = [
+        multiclass_nms(b, s, cfg.score_thr, cfg.nms_iou, cfg.max_per_image)
+        for b, s in zip(boxes, scores, strict=True)
+    ]
+    # Mask RoIs live in the network input frame: take the boxes before rescaling them.
+    rois = boxes_to_rois([r.boxes for r in results])
+    if infos is not None:
+        rescale_to_original(results, infos)
+    if mask_probs is not None:
         labels = torch.cat([r.labels for r in results])
-        probs = None
-        if rois.shape[0]:
-            probs = self.mask_head.predict_probs(feats, self.mask_roi_extractor, rois, labels)
+        probs = mask_probs(rois, labels) if rois.shape[0] else None
         out_sizes = [i.original_size for i in infos] if infos is not None else image_sizes
-        paste_masks(results, probs, out_sizes, self.cfg.mask_thr, rois.device)
+        paste_masks(results, probs, out_sizes, cfg.mask_thr, rois.device)
+    return results
+
+
+class DetectionSettings(Protocol):
+    """The test-time fields every RoI head config has."""
+
+    score_thr: float
+    nms_iou: float
+    max_per_image: int
+    mask_thr: float
