@@ -127,7 +127,7 @@ def test_stage_targets_and_handed_boxes_against_a_loop_reference(recipe):
     assert len(seen) == stages
 
     candidates = [list(b) for b in _proposals()[0].tolist()]
-    for t, sampled, bbox_pred, cls_score in seen:
+    for t, sampled, bbox_pred, _ in seen:
         thr = head.cfg.stage_ious[t]
         with_gt = t == 0 or recipe == "mmdet"
         pool = (gts if with_gt else []) + candidates

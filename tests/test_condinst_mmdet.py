@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -24,7 +23,8 @@ from instseg.modeling.condinst import CondInstMaskHeadConfig
 from instseg.modeling.dense_heads import FCOSHeadConfig
 from instseg.modeling.detectors import OneStageConfig
 from instseg.modeling.neck import FPNConfig
-from instseg.structures import ImageBatch, ImageInfo, InstanceTargets
+from instseg.structures import InstanceTargets
+from mmdet_fixtures import mmdet_batch, rle_decode
 
 FIXTURES = Path(__file__).parent / "fixtures" / "condinst_mmdet"
 NUM_CLASSES = 5
@@ -52,16 +52,6 @@ def _config(with_mask: bool) -> OneStageConfig:
     )
 
 
-def _rle_decode(counts: torch.Tensor, lens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Row-major run lengths (zeros first), one run list of ``lens[k]`` entries per mask."""
-    out, offset = [], 0
-    for n in lens.tolist():
-        runs = counts[offset : offset + n].numpy()
-        offset += n
-        out.append(np.repeat(np.arange(n) % 2, runs).reshape(h, w))
-    return torch.from_numpy(np.stack(out).astype(bool)) if out else torch.zeros(0, h, w, dtype=bool)
-
-
 @pytest.fixture(scope="module")
 def fixture():
     if not (FIXTURES / "condinst_state.safetensors").is_file():
@@ -83,22 +73,13 @@ def _model(state: dict, with_mask: bool):
     return model
 
 
-def _batch(inputs: torch.Tensor, meta: dict):
-    sizes = [tuple(m["img_shape"]) for m in meta["img_metas"]]
-    infos = []
-    for i, m in enumerate(meta["img_metas"]):
-        sx, sy = m["scale_factor"]
-        infos.append(ImageInfo(i, "", tuple(m["ori_shape"]), tuple(m["img_shape"]), (sy, sx)))
-    return ImageBatch(inputs, sizes), infos
-
-
 def _targets(io: dict, with_mask: bool) -> list[InstanceTargets]:
     targets = []
     for i in range(2):
         masks = None
         if with_mask:
             key = f"gt_masks.{i}"
-            masks = _rle_decode(io[key + "_rle_counts"], io[key + "_rle_lens"], 224, 320)
+            masks = rle_decode(io[key + "_rle_counts"], io[key + "_rle_lens"], 224, 320)
         targets.append(InstanceTargets(io[f"gt_boxes.{i}"], io[f"gt_labels.{i}"], masks))
     return targets
 
@@ -115,7 +96,7 @@ def test_raw_head_outputs_and_mask_features_equal_mmdets(fixture):
     state, inputs, io, meta = fixture
     ref = io["condinst"]
     model = _model(state, True).eval()
-    images, _ = _batch(inputs, meta)
+    images, _ = mmdet_batch(inputs, meta)
     with torch.no_grad():
         feats = model.features(images)
         out = model.bbox_head(feats)
@@ -143,7 +124,7 @@ def test_detections_equal_mmdets(fixture, name):
     ref = io[name]
     with_mask = name == "condinst"
     model = _model(state, with_mask).eval()
-    images, infos = _batch(inputs, meta)
+    images, infos = mmdet_batch(inputs, meta)
     with torch.no_grad():
         results = model.predict(images, infos)
     for i, (res, m) in enumerate(zip(results, meta["img_metas"], strict=True)):
@@ -154,7 +135,7 @@ def test_detections_equal_mmdets(fixture, name):
         if with_mask:
             h, w = m["ori_shape"]
             key = f"det_masks.{i}"
-            expected = _rle_decode(ref[key + "_rle_counts"], ref[key + "_rle_lens"], h, w)
+            expected = rle_decode(ref[key + "_rle_counts"], ref[key + "_rle_lens"], h, w)
             assert res.masks.shape == expected.shape
             inter = (res.masks & expected).flatten(1).sum(1).double()
             union = (res.masks | expected).flatten(1).sum(1).double()
@@ -168,7 +149,7 @@ def test_training_losses_equal_mmdets(fixture, name):
     ref = io[name]
     with_mask = name == "condinst"
     model = _model(state, with_mask).train()
-    images, _ = _batch(inputs, meta)
+    images, _ = mmdet_batch(inputs, meta)
     losses = model(images, _targets(io["condinst"], with_mask))
     expected = {k[len("loss.") :]: v for k, v in ref.items() if k.startswith("loss.")}
     assert set(losses) == set(expected)
@@ -180,7 +161,7 @@ def test_positives_equal_mmdets(fixture):
     state, inputs, io, meta = fixture
     ref = io["condinst"]
     model = _model(state, True).train()
-    images, _ = _batch(inputs, meta)
+    images, _ = mmdet_batch(inputs, meta)
     targets = _targets(ref, True)
     with torch.no_grad():
         _, positives = model.bbox_head.loss(model.bbox_head(model.features(images)), targets)

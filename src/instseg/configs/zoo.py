@@ -16,7 +16,7 @@ from collections.abc import Callable
 from functools import partial
 
 from ..engine import ScheduleConfig, TrainConfig
-from ..modeling.anchors import SamplerConfig
+from ..modeling.anchors import AssignerConfig, SamplerConfig
 from ..modeling.backbone import ResNetConfig
 from ..modeling.condinst import CondInstMaskHeadConfig
 from ..modeling.dense_heads import FCOSHeadConfig, RPNConfig
@@ -24,8 +24,10 @@ from ..modeling.detectors import OneStageConfig, TwoStageConfig
 from ..modeling.neck import FPNConfig
 from ..modeling.roi import (
     BoxHeadConfig,
+    CascadeRoIHeadConfig,
     FCNMaskHeadConfig,
     GRoIEConfig,
+    IFRMaskHeadConfig,
     RefineMaskHeadConfig,
     RoIHeadConfig,
 )
@@ -423,6 +425,173 @@ def condinst_r18_fpn_small() -> ExperimentConfig:
     )
 
 
+# ----------------------------------------------------------------- Cascade R-CNN (mmdet)
+# Spec §10.1: the Mask R-CNN 1x recipe with a 3-stage cascade (IoU 0.5/0.6/0.7, class-agnostic
+# regression, smooth L1 beta 1, stage weights 1/0.5/0.25, a mask head per stage), 2000 RPN
+# proposals in training and the RPN box loss smooth L1 with beta 1/9.
+
+
+def cascade_mask_rcnn_r50_fpn_1x_coco() -> ExperimentConfig:
+    cfg = _rcnn_r50_fpn_1x(
+        "cascade_mask_rcnn_r50_fpn_1x_coco",
+        "Cascade Mask R-CNN R-50-FPN, mmdet 1x COCO recipe (41.2 / 35.9 official)",
+        50,
+        True,
+    )
+    cfg.model.rpn.train_max_per_image = 2000
+    cfg.model.rpn.loss_bbox_beta = 1.0 / 9.0
+    cfg.model.roi_head = CascadeRoIHeadConfig()
+    return cfg
+
+
+def cascade_mask_rcnn_r18_fpn_small() -> ExperimentConfig:
+    """``mask_rcnn_r18_fpn_small`` with mmdet's cascade: three box stages and three 2-conv
+    mask heads, 256 RoIs sampled per stage."""
+    cfg = mask_rcnn_r18_fpn_small()
+    cfg.name = "cascade_mask_rcnn_r18_fpn_small"
+    cfg.description = "Cascade Mask R-CNN R-18-FPN (half width, from scratch), CPU-sized"
+    cfg.model.roi_head = CascadeRoIHeadConfig(
+        box_head=BoxHeadConfig(fc_channels=256, class_agnostic=True, loss_bbox_beta=1.0),
+        mask_head=FCNMaskHeadConfig(num_convs=2),
+        sampler=SamplerConfig(num=256, pos_fraction=0.25),
+    )
+    cfg.model.rpn.loss_bbox_beta = 1.0 / 9.0
+    return cfg
+
+
+# ------------------------------------------------------------- IFR (detectron2 / cvpods)
+# Spec §5.8: cvpods' R-50-FPN recipe, each difference from mmdet's a named field: MSRA caffe
+# R-50 (stride in the 1x1, FrozenBN, stem and res2 frozen), BGR input with std 1, c2_xavier
+# init of the FPN and box FCs, RPN low-quality matches at any IoU and its losses over 256 x
+# images, 90k iterations of 16 images (warmup 1000 from x0.001, x0.1 at 60k and 80k), no
+# weight decay on norm layers. The box coder weights (10, 10, 5, 5) are mmdet's stds
+# (0.1, 0.1, 0.2, 0.2); L1 box losses, 512 RoIs at 0.25, NMS 0.5 are already mmdet's.
+# Weights: ``model.backbone.weights=R-50.pkl`` converted to torchvision names (issue 18).
+
+DETECTRON2_BGR_MEAN = (103.53, 116.28, 123.675)
+CVPODS_MULTISCALE = tuple((1333, s) for s in (640, 672, 704, 736, 768, 800))
+
+
+def _cvpods_rcnn(
+    name: str, description: str, roi_head: RoIHeadConfig | CascadeRoIHeadConfig, multiscale: bool
+) -> ExperimentConfig:
+    roi_head.box_head.fc_init = "c2_xavier"
+    return ExperimentConfig(
+        name=name,
+        description=description,
+        num_classes=80,
+        model=TwoStageConfig(
+            backbone=ResNetConfig(
+                depth=50, norm="FrozenBN", frozen_stages=1, norm_eval=True, style="caffe"
+            ),
+            neck=FPNConfig(out_channels=256, num_outs=5, init="c2_xavier"),
+            rpn=RPNConfig(
+                assigner=AssignerConfig(0.7, 0.3, 0.0, match_low_quality=True),
+                loss_normalizer="per_image",
+                train_max_per_image=2000 if isinstance(roi_head, CascadeRoIHeadConfig) else 1000,
+            ),
+            roi_head=roi_head,
+        ),
+        data=DataConfig(
+            train_scales=CVPODS_MULTISCALE if multiscale else ((1333, 800),),
+            test_scale=(1333, 800),
+            pixel_mean=DETECTRON2_BGR_MEAN,
+            pixel_std=(1.0, 1.0, 1.0),
+            bgr=True,
+        ),
+        train=TrainConfig(
+            max_iters=90_000,
+            batch_size=16,
+            checkpoint_every=10_000,
+            schedule=ScheduleConfig(
+                base_lr=0.02,
+                warmup_iters=1000,
+                warmup_ratio=0.001,
+                steps=(60_000, 80_000),
+                norm_decay_mult=0.0,
+            ),
+        ),
+    )
+
+
+def _ifr_head(mode: str = "implicit") -> IFRMaskHeadConfig:
+    return IFRMaskHeadConfig(mode=mode, pretrain_steps=50_000)
+
+
+def _cvpods_cascade(mask_head: FCNMaskHeadConfig | IFRMaskHeadConfig) -> CascadeRoIHeadConfig:
+    """cvpods' cascade (spec §5.7, §10.4): detectron2 weights (10, 10, 5, 5) x 1, 2, 3 as
+    stds, L1, every stage weighted 1 with its RoI features' gradient scaled by 1/3, later
+    stages relabel all RoIs, probabilities averaged, one mask head on stage-1 positives."""
+    return CascadeRoIHeadConfig(
+        box_head=BoxHeadConfig(class_agnostic=True, loss_bbox_beta=0.0),
+        stage_target_stds=tuple(
+            (1 / (10 * k), 1 / (10 * k), 1 / (5 * k), 1 / (5 * k)) for k in (1, 2, 3)
+        ),
+        stage_loss_weights=(1.0, 1.0, 1.0),
+        later_stages="relabel",
+        stage_gradient_scale=1.0 / 3.0,
+        score_merge="mean_probs",
+        mask_head=mask_head,
+        mask_per_stage=False,
+    )
+
+
+def mask_rcnn_res50_fpn_coco_multiscale_1x() -> ExperimentConfig:
+    return _cvpods_rcnn(
+        "mask_rcnn.res50.fpn.coco.multiscale.1x",
+        "Mask R-CNN R-50-FPN, cvpods multi-scale 1x recipe (the IFR baseline)",
+        RoIHeadConfig(mask_head=FCNMaskHeadConfig()),
+        multiscale=True,
+    )
+
+
+def mask_rcnn_ifr_res50_fpn_coco_multiscale_1x() -> ExperimentConfig:
+    return _cvpods_rcnn(
+        "mask_rcnn.ifr.res50.fpn.coco.multiscale.1x",
+        "Mask R-CNN R-50-FPN with IFR, cvpods multi-scale 1x (mask AP 36.3 official)",
+        RoIHeadConfig(mask_head=_ifr_head()),
+        multiscale=True,
+    )
+
+
+def mask_rcnn_res50_fpn_coco_multiscale_weight_sharing_1x() -> ExperimentConfig:
+    return _cvpods_rcnn(
+        "mask_rcnn.res50.fpn.coco.multiscale.weight_sharing.1x",
+        "Mask R-CNN R-50-FPN with IFR's block unrolled 4 times (weight sharing), cvpods "
+        "multi-scale 1x (mask AP 35.9 official)",
+        RoIHeadConfig(mask_head=_ifr_head("weight_sharing")),
+        multiscale=True,
+    )
+
+
+def cascade_rcnn_res50_fpn_coco_800size_1x() -> ExperimentConfig:
+    return _cvpods_rcnn(
+        "cascade_rcnn.res50.fpn.coco.800size.1x",
+        "Cascade R-CNN R-50-FPN with a mask head, cvpods 800-size 1x (41.7 / 36.1 cvpods)",
+        _cvpods_cascade(FCNMaskHeadConfig()),
+        multiscale=False,
+    )
+
+
+def cascade_rcnn_ifr_res50_fpn_coco_800size_1x() -> ExperimentConfig:
+    return _cvpods_rcnn(
+        "cascade_rcnn.ifr.res50.fpn.coco.800size.1x",
+        "Cascade R-CNN R-50-FPN with IFR, cvpods 800-size 1x (mask AP 36.9 official)",
+        _cvpods_cascade(_ifr_head()),
+        multiscale=False,
+    )
+
+
+def mask_rcnn_r18_fpn_ifr_small() -> ExperimentConfig:
+    """``mask_rcnn_r18_fpn_small`` with the IFR head: the explicit 4-step phase for the first
+    220 of 400 iterations (the official 50k of 90k), then the equilibrium solve."""
+    cfg = mask_rcnn_r18_fpn_small()
+    cfg.name = "mask_rcnn_r18_fpn_ifr_small"
+    cfg.description = "Mask R-CNN R-18-FPN with the IFR head (half width, from scratch), CPU-sized"
+    cfg.model.roi_head.mask_head = IFRMaskHeadConfig(pretrain_steps=220)
+    return cfg
+
+
 ZOO: dict[str, Callable[[], ExperimentConfig]] = {
     fn.__name__: fn
     for fn in (
@@ -443,6 +612,9 @@ ZOO: dict[str, Callable[[], ExperimentConfig]] = {
         refinemask_r18_fpn_small,
         fcos_r50_fpn_1x_coco,
         condinst_r18_fpn_small,
+        cascade_mask_rcnn_r50_fpn_1x_coco,
+        cascade_mask_rcnn_r18_fpn_small,
+        mask_rcnn_r18_fpn_ifr_small,
     )
 }
 # Names with '-' cannot be function names; _gcnet builds the name it is listed under.
@@ -453,6 +625,19 @@ ZOO.update(
         "mask_rcnn_r50_fpn_syncbn-backbone_r4_gcb_c3-c5_groie_1x_coco": partial(_gcnet, 50, True),
         "mask_rcnn_r101_fpn_syncbn-backbone_r4_gcb_c3-c5_1x_coco": partial(_gcnet, 101, False),
         "mask_rcnn_r101_fpn_syncbn-backbone_r4_gcb_c3-c5_groie_1x_coco": partial(_gcnet, 101, True),
+    }
+)
+# The cvpods rows keep their dotted names.
+ZOO.update(
+    {
+        fn().name: fn
+        for fn in (
+            mask_rcnn_res50_fpn_coco_multiscale_1x,
+            mask_rcnn_ifr_res50_fpn_coco_multiscale_1x,
+            mask_rcnn_res50_fpn_coco_multiscale_weight_sharing_1x,
+            cascade_rcnn_res50_fpn_coco_800size_1x,
+            cascade_rcnn_ifr_res50_fpn_coco_800size_1x,
+        )
     }
 )
 

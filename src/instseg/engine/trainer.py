@@ -335,7 +335,9 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _is_loss(key: object) -> bool:
-    return isinstance(key, str) and key.startswith("loss")
+    """A loss term: its name, or the last dotted part of it (a cascade's ``s0.loss_cls``),
+    starts with "loss"."""
+    return isinstance(key, str) and key.rsplit(".", 1)[-1].startswith("loss")
 
 
 def _loss_values(outputs: dict[str, Tensor], iteration: int) -> tuple[Tensor, dict[str, float]]:

@@ -1,14 +1,14 @@
-"""Full-size CondInst R-50 against mmdetection 3.3 with identical weights: the numbers quoted
-in the README.
+"""Full-size models against mmdetection 3.3 with identical weights: the numbers quoted in the
+README (CondInst R-50, Cascade Mask R-CNN R-50).
 
-``REF`` is a folder written by ``tests/fixtures/condinst_mmdet/make_fixture.py --full REF``
-in the mmdetection environment: mmdet's randomised ``condinst_r50_fpn_ms-poly-90k_coco_instance``
-(``condinst_r50_state.safetensors``, mmdet's key names), one padded input image and mmdet's
+``REF`` is a folder written by ``tests/fixtures/{condinst,cascade}_mmdet/make_fixture.py --full
+REF`` in the mmdetection environment: mmdet's randomised model of one config
+(``<prefix>_state.safetensors``, mmdet's key names), one padded input image and mmdet's
 detections in the original frame. This script loads the weights into our config of the same
 name (strictly, key for key), predicts on the same input and prints the largest box, score
 differences, label agreement and the mask IoU of each detection with mmdet's.
 
-    python benchmarks/condinst_parity.py REF
+    python benchmarks/mmdet_parity.py REF
 """
 
 from __future__ import annotations
@@ -25,6 +25,11 @@ from safetensors.torch import load_file
 from instseg.configs import get_config
 from instseg.runner import build_model
 from instseg.structures import ImageBatch, ImageInfo
+
+CONFIGS = {
+    "condinst_r50": "condinst_r50_fpn_ms-poly-90k_coco_instance",
+    "cascade_r50": "cascade_mask_rcnn_r50_fpn_1x_coco",
+}
 
 
 def rle_decode(counts: torch.Tensor, lens: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -46,12 +51,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: expected one *_state.safetensors in {args.ref}", file=sys.stderr)
         return 2
     prefix = states[0].name[: -len("_state.safetensors")]
+    if prefix not in CONFIGS:
+        print(f"error: no config for {prefix!r}; known: {', '.join(CONFIGS)}", file=sys.stderr)
+        return 2
     meta = json.loads((args.ref / f"{prefix}_meta.json").read_text())
     state = load_file(states[0])
     io = load_file(args.ref / f"{prefix}_io.safetensors")
     inputs = load_file(args.ref / "inputs.safetensors")["inputs_x32"].float() / 32
 
-    cfg = get_config("condinst_r50_fpn_ms-poly-90k_coco_instance")
+    cfg = get_config(CONFIGS[prefix])
     model = build_model(cfg, 80)
     model.load_state_dict(state, strict=True)
     model.eval()
@@ -80,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         inter = (res.masks[:n] & expected).flatten(1).sum(1).double()
         union = (res.masks[:n] | expected).flatten(1).sum(1).double()
         iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-        print(f"  mask IoU min {iou.min().item():.4f}, mean {iou.mean().item():.4f}")
+        flipped = (res.masks[:n] ^ expected).flatten(1).sum(1)
+        print(
+            f"  mask IoU min {iou.min().item():.4f}, mean {iou.mean().item():.4f}; "
+            f"{int((iou < 0.99).sum())} masks below 0.99, {int(flipped.sum())} pixels differ "
+            f"in all, at most {int(flipped.max()) if n else 0} in one mask"
+        )
     return 0
 
 
