@@ -3,6 +3,7 @@ differences, the explicit iteration unrolled to convergence, and the weight-norm
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -306,3 +307,49 @@ def test_broyden_iterates_equal_a_dense_inverse_jacobian_reference():
         assert len(seen) == len(expected)
         for got, want in zip(seen, expected, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_phase_switch_at_pretrain_steps_through_the_trainer_and_across_resume(
+    tmp_path, monkeypatch
+):
+    """A real run (pretrain_steps=2): iterations 0 and 1 unroll, 2 and 3 solve; a crash at
+    iteration 2 and ``--resume`` from the checkpoint of iteration 2 switch at the same place."""
+    from instseg.configs import apply_overrides, get_config
+    from instseg.runner import run_train
+    from test_training import COMMON, NARROW, _shapes
+
+    ann, images = _shapes(tmp_path / "data")
+    cfg = apply_overrides(
+        get_config("mask_rcnn_r18_fpn_ifr_small"),
+        [
+            *NARROW,
+            *COMMON,
+            "train.max_iters=4",
+            "train.checkpoint_every=1",
+            "model.roi_head.mask_head.pretrain_steps=2",
+        ],
+    )
+    cfg.num_classes = None
+    cfg.data.train_ann, cfg.data.train_images = str(ann), str(images)
+    calls: list[tuple[int | None, bool]] = []
+    refine = IFRMaskHead.refine
+
+    def recording(self, x, train_step):
+        if train_step == 2 and crash[0]:
+            raise RuntimeError("simulated crash")
+        z = refine(self, x, train_step)
+        calls.append((train_step, self.last_solve is not None))
+        return z
+
+    crash = [True]
+    monkeypatch.setattr(IFRMaskHead, "refine", recording)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_train(cfg, tmp_path / "work")
+    assert calls == [(0, False), (1, False)]
+    calls.clear()
+    crash[0] = False
+    run_train(cfg, tmp_path / "work", resume=True)
+    assert [c for c in calls if c[0] is not None] == [(2, True), (3, True)]
+    log = [json.loads(x) for x in (tmp_path / "work" / "log.jsonl").read_text().splitlines()]
+    assert [("ifr_forward_steps" in r) for r in log] == [False, False, True, True]
+    assert all(r["ifr_forward_steps"] <= 15 for r in log[2:])

@@ -462,7 +462,7 @@ def cascade_mask_rcnn_r18_fpn_small() -> ExperimentConfig:
 # ------------------------------------------------------------- IFR (detectron2 / cvpods)
 # Spec §5.8: cvpods' R-50-FPN recipe, each difference from mmdet's a named field: MSRA caffe
 # R-50 (stride in the 1x1, FrozenBN, stem and res2 frozen), BGR input with std 1, c2_xavier
-# init of the FPN and box FCs, RPN low-quality matches at any IoU and its losses over 256 x
+# init of the FPN and box FCs (and mask logits at N(0, 0.001^2)), RPN low-quality matches at any IoU and its losses over 256 x
 # images, 90k iterations of 16 images (warmup 1000 from x0.001, x0.1 at 60k and 80k), no
 # weight decay on norm layers. The box coder weights (10, 10, 5, 5) are mmdet's stds
 # (0.1, 0.1, 0.2, 0.2); L1 box losses, 512 RoIs at 0.25, NMS 0.5 are already mmdet's.
@@ -540,7 +540,7 @@ def mask_rcnn_res50_fpn_coco_multiscale_1x() -> ExperimentConfig:
     return _cvpods_rcnn(
         "mask_rcnn.res50.fpn.coco.multiscale.1x",
         "Mask R-CNN R-50-FPN, cvpods multi-scale 1x recipe (the IFR baseline)",
-        RoIHeadConfig(mask_head=FCNMaskHeadConfig()),
+        RoIHeadConfig(mask_head=FCNMaskHeadConfig(logits_init_std=0.001)),
         multiscale=True,
     )
 
@@ -568,7 +568,7 @@ def cascade_rcnn_res50_fpn_coco_800size_1x() -> ExperimentConfig:
     return _cvpods_rcnn(
         "cascade_rcnn.res50.fpn.coco.800size.1x",
         "Cascade R-CNN R-50-FPN with a mask head, cvpods 800-size 1x (41.7 / 36.1 cvpods)",
-        _cvpods_cascade(FCNMaskHeadConfig()),
+        _cvpods_cascade(FCNMaskHeadConfig(logits_init_std=0.001)),
         multiscale=False,
     )
 

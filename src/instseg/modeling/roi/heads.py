@@ -156,13 +156,16 @@ class _ConvReLU(nn.Module):
 class FCNMaskHeadConfig:
     """Mask R-CNN's mask head (``kind="fcn"``): ``num_convs`` 3x3 convs of
     ``conv_channels`` (None: the width of its RoI features) on ``roi_size`` RoI features,
-    a 2x deconv, per-class logits; ``loss_weight`` scales its BCE."""
+    a 2x deconv, per-class logits; ``loss_weight`` scales its BCE. ``logits_init_std``:
+    None initialises the logits conv as the others (kaiming normal, fan_out: mmdet), a
+    number draws it from N(0, std^2) (detectron2: 0.001)."""
 
     kind: Literal["fcn"] = "fcn"
     roi_size: int = 14
     conv_channels: int | None = None
     num_convs: int = 4
     loss_weight: float = 1.0
+    logits_init_std: float | None = None
 
     def __post_init__(self) -> None:
         if self.roi_size <= 0 or self.num_convs < 0:
@@ -192,6 +195,8 @@ class FCNMaskHead(nn.Module):
         for layer in (self.upsample, self.conv_logits):
             nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
             nn.init.zeros_(layer.bias)
+        if cfg.logits_init_std is not None:
+            nn.init.normal_(self.conv_logits.weight, std=cfg.logits_init_std)
 
     def forward(self, x: Tensor) -> Tensor:
         for conv in self.convs:
