@@ -26,3 +26,24 @@ def mmdet_batch(inputs: torch.Tensor, meta: dict):
         sx, sy = m["scale_factor"]
         infos.append(ImageInfo(i, "", tuple(m["ori_shape"]), tuple(m["img_shape"]), (sy, sx)))
     return ImageBatch(inputs, sizes), infos
+
+
+def assert_detections_equal(results, ref: dict, metas: list[dict]) -> None:
+    """mmdet's detections per image (``det_*.{i}`` of ``ref``, original frame): 100 each,
+    scores within 1e-4, boxes within 1e-2 px, same labels, and, where ``ref`` has masks,
+    every mask's IoU with mmdet's above 0.99 (two empty masks count as equal)."""
+    for i, (res, m) in enumerate(zip(results, metas, strict=True)):
+        assert len(res) == len(ref[f"det_scores.{i}"]) == 100
+        torch.testing.assert_close(res.scores, ref[f"det_scores.{i}"], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(res.boxes, ref[f"det_boxes.{i}"], rtol=0, atol=1e-2)
+        assert torch.equal(res.labels, ref[f"det_labels.{i}"])
+        key = f"det_masks.{i}"
+        if key + "_rle_counts" not in ref:
+            continue
+        h, w = m["ori_shape"]
+        expected = rle_decode(ref[key + "_rle_counts"], ref[key + "_rle_lens"], h, w)
+        assert res.masks.shape == expected.shape
+        inter = (res.masks & expected).flatten(1).sum(1).double()
+        union = (res.masks | expected).flatten(1).sum(1).double()
+        iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+        assert iou.min().item() > 0.99, iou.min().item()

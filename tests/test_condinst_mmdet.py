@@ -24,7 +24,7 @@ from instseg.modeling.dense_heads import FCOSHeadConfig
 from instseg.modeling.detectors import OneStageConfig
 from instseg.modeling.neck import FPNConfig
 from instseg.structures import InstanceTargets
-from mmdet_fixtures import mmdet_batch, rle_decode
+from mmdet_fixtures import assert_detections_equal, mmdet_batch, rle_decode
 
 FIXTURES = Path(__file__).parent / "fixtures" / "condinst_mmdet"
 NUM_CLASSES = 5
@@ -127,20 +127,7 @@ def test_detections_equal_mmdets(fixture, name):
     images, infos = mmdet_batch(inputs, meta)
     with torch.no_grad():
         results = model.predict(images, infos)
-    for i, (res, m) in enumerate(zip(results, meta["img_metas"], strict=True)):
-        assert len(res) == len(ref[f"det_scores.{i}"]) == 100
-        torch.testing.assert_close(res.scores, ref[f"det_scores.{i}"], rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(res.boxes, ref[f"det_boxes.{i}"], rtol=0, atol=1e-2)
-        assert torch.equal(res.labels, ref[f"det_labels.{i}"])
-        if with_mask:
-            h, w = m["ori_shape"]
-            key = f"det_masks.{i}"
-            expected = rle_decode(ref[key + "_rle_counts"], ref[key + "_rle_lens"], h, w)
-            assert res.masks.shape == expected.shape
-            inter = (res.masks & expected).flatten(1).sum(1).double()
-            union = (res.masks | expected).flatten(1).sum(1).double()
-            iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-            assert iou.min().item() > 0.99, iou.min().item()
+    assert_detections_equal(results, ref, meta["img_metas"])
 
 
 @pytest.mark.parametrize("name", ["condinst", "fcos"])
