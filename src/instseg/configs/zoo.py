@@ -462,11 +462,12 @@ def cascade_mask_rcnn_r18_fpn_small() -> ExperimentConfig:
 # ------------------------------------------------------------- IFR (detectron2 / cvpods)
 # Spec §5.8: cvpods' R-50-FPN recipe, each difference from mmdet's a named field: MSRA caffe
 # R-50 (stride in the 1x1, FrozenBN, stem and res2 frozen), BGR input with std 1, c2_xavier
-# init of the FPN and box FCs (and mask logits at N(0, 0.001^2)), RPN low-quality matches at any IoU and its losses over 256 x
-# images, 90k iterations of 16 images (warmup 1000 from x0.001, x0.1 at 60k and 80k), no
-# weight decay on norm layers. The box coder weights (10, 10, 5, 5) are mmdet's stds
-# (0.1, 0.1, 0.2, 0.2); L1 box losses, 512 RoIs at 0.25, NMS 0.5 are already mmdet's.
-# Weights: ``model.backbone.weights=R-50.pkl`` converted to torchvision names (issue 18).
+# init of the FPN and box FCs (mask logits at N(0, 0.001^2)), RPN low-quality matches at any
+# IoU and its losses over 256 x images, 90k iterations of 16 images (warmup 1000 from x0.001,
+# x0.1 at 60k and 80k), no weight decay on norm layers. The box coder weights (10, 10, 5, 5)
+# are mmdet's stds (0.1, 0.1, 0.2, 0.2); L1 box losses, 512 RoIs at 0.25, NMS 0.5 are already
+# mmdet's. Weights: ``model.backbone.weights=R-50.pkl`` converted to torchvision names
+# (issue 18).
 
 DETECTRON2_BGR_MEAN = (103.53, 116.28, 123.675)
 CVPODS_MULTISCALE = tuple((1333, s) for s in (640, 672, 704, 736, 768, 800))
