@@ -37,6 +37,8 @@ ONE_STAGE_NARROW = [
     "model.bbox_head.feat_channels=32",
 ]
 CONDINST_NARROW = ["model.mask_head.branch_channels=16"]
+# The grid head keeps GroupNorm(36): 8 channels per point, 72 in all.
+GRID_NARROW = ["model.roi_head.grid_head.point_feat_channels=8"]
 # The cvpods recipes feed BGR pixels with std 1 to a caffe R-50 that expects its MSRA
 # weights; from scratch those inputs make training diverge, so the runs below scale them.
 CVPODS_FROM_SCRATCH = ["data.pixel_std=(57.375,57.12,58.395)"]
@@ -50,6 +52,8 @@ def narrow(name: str) -> list[str]:
         return [*ONE_STAGE_NARROW, *CONDINST_NARROW]
     if ".res50.fpn." in name:
         return [*NARROW, *CVPODS_FROM_SCRATCH]
+    if name.startswith("grid"):
+        return [*NARROW, *GRID_NARROW]
     return [*NARROW, *(REFINEMASK_NARROW if name.startswith("refinemask") else [])]
 
 

@@ -3,8 +3,8 @@
 Mask R-CNN is Faster R-CNN with a mask head (``roi_head.mask_head``, None for Faster
 R-CNN); RefineMask is Mask R-CNN with ``roi_head.mask_head=refinemask``, IFR with
 ``roi_head.mask_head=ifr``; GRoIE swaps the RoI extractors; Cascade R-CNN is
-``roi_head=cascade``. Batches hold images of different sizes padded together (``ImageBatch``);
-every stage works on the whole batch.
+``roi_head=cascade``, Grid R-CNN ``roi_head=grid``. Batches hold images of different sizes
+padded together (``ImageBatch``); every stage works on the whole batch.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ...structures import ImageBatch, ImageInfo, Instances, InstanceTargets, Tra
 from ..backbone import ResNetConfig
 from ..dense_heads import RPNConfig, RPNHead
 from ..neck import FPNConfig
-from ..roi import CascadeRoIHeadConfig, RoIHeadConfig
+from ..roi import CascadeRoIHeadConfig, GridRoIHeadConfig, RoIHeadConfig
 from .base import PyramidDetector
 
 
@@ -28,7 +28,9 @@ class TwoStageConfig:
     backbone: ResNetConfig = field(default_factory=ResNetConfig)
     neck: FPNConfig = field(default_factory=FPNConfig)
     rpn: RPNConfig = field(default_factory=RPNConfig)
-    roi_head: RoIHeadConfig | CascadeRoIHeadConfig = field(default_factory=RoIHeadConfig)
+    roi_head: RoIHeadConfig | CascadeRoIHeadConfig | GridRoIHeadConfig = field(
+        default_factory=RoIHeadConfig
+    )
 
     @property
     def with_masks(self) -> bool:

@@ -1,5 +1,5 @@
 """RoI feature extraction (single-level and GRoIE), sampling, the R-CNN heads (box; mask:
-FCN, RefineMask, IFR) and the RoI heads that drive them (single-stage, cascade)."""
+FCN, RefineMask, IFR) and the RoI heads that drive them (single-stage, cascade, Grid R-CNN)."""
 
 from .cascade import CascadeRoIHead, CascadeRoIHeadConfig
 from .extractor import (
@@ -9,6 +9,7 @@ from .extractor import (
     build_roi_extractor,
     map_roi_levels,
 )
+from .grid import GridHead, GridHeadConfig, GridRoIHead, GridRoIHeadConfig
 from .groie import GenericRoIExtractor, GRoIEConfig
 from .heads import (
     BoxHeadConfig,
@@ -33,6 +34,10 @@ __all__ = [
     "FCNMaskHeadConfig",
     "GRoIEConfig",
     "GenericRoIExtractor",
+    "GridHead",
+    "GridHeadConfig",
+    "GridRoIHead",
+    "GridRoIHeadConfig",
     "IFRMaskHead",
     "IFRMaskHeadConfig",
     "MaskHead",

@@ -27,7 +27,8 @@ from .sampling import SampledRoIs, boxes_to_rois
 class BoxHeadConfig:
     """The box head, its box coder (mmdet ``DeltaXYWHBBoxCoder``: ``target_means``,
     ``target_stds``) and its losses. ``roi_size`` is what its extractor pools;
-    ``class_agnostic`` regresses one box per RoI instead of one per class (Cascade R-CNN);
+    ``class_agnostic`` regresses one box per RoI instead of one per class (Cascade R-CNN),
+    ``with_reg=False`` not at all (Grid R-CNN: no ``fc_reg``, no box loss);
     ``loss_bbox_beta`` is the smooth-L1 beta of the box loss (0: L1, the Mask R-CNN 3.x and
     detectron2 recipes; 1.0: mmdet's Cascade R-CNN); ``fc_init`` initialises the shared FCs
     ("xavier_uniform": mmdet, "c2_xavier": detectron2)."""
@@ -36,6 +37,7 @@ class BoxHeadConfig:
     fc_channels: int = 1024
     num_fcs: int = 2
     class_agnostic: bool = False
+    with_reg: bool = True
     target_means: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
     target_stds: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)
     loss_cls_weight: float = 1.0
@@ -68,33 +70,39 @@ class Shared2FCBoxHead(nn.Module):
         dims = [in_channels * cfg.roi_size * cfg.roi_size] + [cfg.fc_channels] * cfg.num_fcs
         self.shared_fcs = nn.ModuleList(nn.Linear(a, b) for a, b in pairwise(dims))
         self.fc_cls = nn.Linear(dims[-1], num_classes + 1)
-        self.fc_reg = nn.Linear(dims[-1], 4 if cfg.class_agnostic else 4 * num_classes)
+        if cfg.with_reg:
+            self.fc_reg = nn.Linear(dims[-1], 4 if cfg.class_agnostic else 4 * num_classes)
+            nn.init.normal_(self.fc_reg.weight, std=0.001)
+            nn.init.zeros_(self.fc_reg.bias)
         for fc in self.shared_fcs:
             init_weight(fc.weight, cfg.fc_init)
             nn.init.zeros_(fc.bias)
         nn.init.normal_(self.fc_cls.weight, std=0.01)
-        nn.init.normal_(self.fc_reg.weight, std=0.001)
         nn.init.zeros_(self.fc_cls.bias)
-        nn.init.zeros_(self.fc_reg.bias)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Class logits and box deltas (``with_reg=False``: an empty ``(N, 0)`` tensor)."""
         x = x.flatten(1)
         for fc in self.shared_fcs:
             x = F.relu(fc(x))
-        return self.fc_cls(x), self.fc_reg(x)
+        deltas = self.fc_reg(x) if self.cfg.with_reg else x.new_zeros((x.shape[0], 0))
+        return self.fc_cls(x), deltas
 
     def loss(self, cls_score: Tensor, bbox_pred: Tensor, sampled: SampledRoIs) -> dict[str, Tensor]:
         """Softmax cross-entropy over the sampled RoIs; smooth L1 (``loss_bbox_beta``) on the
         positives' normalised deltas (of their GT class unless class-agnostic), summed and
         divided by the number of sampled RoIs (mmdet's ``avg_factor``)."""
         cfg = self.cfg
+        loss_cls = cfg.loss_cls_weight * F.cross_entropy(cls_score, sampled.labels)
+        if not cfg.with_reg:
+            return {"loss_cls": loss_cls}
         reg_targets = [
             encode_deltas(boxes, gt, cfg.target_means, cfg.target_stds)
             for boxes, gt in zip(sampled.pos_boxes, sampled.pos_gt_boxes, strict=True)
         ]
         pos_pred = select_class(self._deltas(bbox_pred)[sampled.is_pos], sampled.pos_labels)
         return {
-            "loss_cls": cfg.loss_cls_weight * F.cross_entropy(cls_score, sampled.labels),
+            "loss_cls": loss_cls,
             "loss_bbox": cfg.loss_bbox_weight
             * smooth_l1(pos_pred - torch.cat(reg_targets), cfg.loss_bbox_beta).sum()
             / max(cls_score.shape[0], 1),

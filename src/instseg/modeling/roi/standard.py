@@ -140,16 +140,20 @@ def detect(
     image_sizes: list[tuple[int, int]],
     infos: list[ImageInfo] | None,
     mask_probs: Callable[[Tensor, Tensor], Tensor] | None,
+    refine: Callable[[list[Instances]], None] | None = None,
 ) -> list[Instances]:
     """The R-CNN test-time tail shared by the RoI heads: per image, ``(N, C, 4)`` decoded
     boxes and ``(N, C)`` class scores -> per-class NMS over the pairs above ``score_thr``,
-    the best ``max_per_image``; boxes back to the original frame when ``infos`` is given;
+    the best ``max_per_image``; ``refine(results)`` may then move the boxes (Grid R-CNN, in
+    the network input frame); boxes back to the original frame when ``infos`` is given;
     then, with ``mask_probs(rois, labels)`` (the mask head's ``(K, M, M)`` probabilities of
     RoIs in the network input frame), masks pasted into each detection's final box."""
     results = [
         multiclass_nms(b, s, cfg.score_thr, cfg.nms_iou, cfg.max_per_image)
         for b, s in zip(boxes, scores, strict=True)
     ]
+    if refine is not None:
+        refine(results)
     # Mask RoIs live in the network input frame: take the boxes before rescaling them.
     rois = boxes_to_rois([r.boxes for r in results])
     if infos is not None:
