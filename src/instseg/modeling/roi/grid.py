@@ -376,10 +376,14 @@ class GridRoIHead(nn.Module):
         return detect(boxes, list(scores.split(counts)), self.cfg, image_sizes, infos, None, refine)
 
 
-def jitter_boxes(boxes: Tensor, amplitude: float, image_size: tuple[int, int]) -> Tensor:
-    """mmdet's ``_random_jitter``: centre moved by ``w * U(-a, a)`` (and h), size scaled by
-    ``1 + U(-a, a)``, clipped to ``[0, W - 1] x [0, H - 1]``; draws from the global RNG."""
-    offsets = boxes.new_empty(boxes.shape[0], 4).uniform_(-amplitude, amplitude)
+def jitter_boxes(
+    boxes: Tensor, amplitude: float, image_size: tuple[int, int], offsets: Tensor | None = None
+) -> Tensor:
+    """mmdet's ``_random_jitter``: centre moved by ``w * r0`` (and ``h * r1``), size scaled by
+    ``1 + r2`` (``1 + r3``), clipped to ``[0, W - 1] x [0, H - 1]``. The ``(N, 4)`` offsets r
+    are drawn from U(-a, a) with the global RNG unless given."""
+    if offsets is None:
+        offsets = boxes.new_empty(boxes.shape[0], 4).uniform_(-amplitude, amplitude)
     cxcy = (boxes[:, 2:4] + boxes[:, :2]) / 2
     wh = (boxes[:, 2:4] - boxes[:, :2]).abs()
     new_cxcy = cxcy + wh * offsets[:, :2]
