@@ -124,9 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         "metrics": metrics,
     }
     atomic_write_json(args.work_dir / "summary.json", summary)
+    scores = ", ".join(
+        f"{kind} AP {metrics[kind]['AP']:.1f}"
+        for kind in ("bbox", "segm", "boundary")
+        if kind in metrics  # box-only models have no segm / boundary
+    )
     print(
-        f"nuclei val (12 images, maxDets {args.max_dets}): bbox AP {metrics['bbox']['AP']:.1f}, "
-        f"segm AP {metrics['segm']['AP']:.1f}, boundary AP {metrics['boundary']['AP']:.1f}; "
+        f"nuclei val (12 images, maxDets {args.max_dets}): {scores}; "
         f"{cfg.train.max_iters} iterations in "
         f"{train_seconds / 60:.1f} min of training ({seconds / 60:.1f} min in all)"
     )
