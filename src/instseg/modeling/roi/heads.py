@@ -72,12 +72,15 @@ class Shared2FCBoxHead(nn.Module):
         self.fc_cls = nn.Linear(dims[-1], num_classes + 1)
         if cfg.with_reg:
             self.fc_reg = nn.Linear(dims[-1], 4 if cfg.class_agnostic else 4 * num_classes)
-            nn.init.normal_(self.fc_reg.weight, std=0.001)
-            nn.init.zeros_(self.fc_reg.bias)
         for fc in self.shared_fcs:
             init_weight(fc.weight, cfg.fc_init)
             nn.init.zeros_(fc.bias)
+        # Same order of random draws as before the regression became optional, so seeded
+        # models keep their initial weights.
         nn.init.normal_(self.fc_cls.weight, std=0.01)
+        if cfg.with_reg:
+            nn.init.normal_(self.fc_reg.weight, std=0.001)
+            nn.init.zeros_(self.fc_reg.bias)
         nn.init.zeros_(self.fc_cls.bias)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
