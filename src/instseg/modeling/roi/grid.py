@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...ops import clip_boxes_to_image
 from ...structures import ImageInfo, Instances, InstanceTargets, TrainingContext
 from ..anchors import AssignerConfig, SamplerConfig
 from ..features import Features, FeatureSpec
@@ -362,15 +363,7 @@ class GridRoIHead(nn.Module):
                 n = len(r)
                 r.boxes = refined[start : start + n]
                 if self.cfg.grid_head.clamp_refined_boxes:
-                    r.boxes = torch.stack(
-                        [
-                            r.boxes[:, 0].clamp(0, size[1]),
-                            r.boxes[:, 1].clamp(0, size[0]),
-                            r.boxes[:, 2].clamp(0, size[1]),
-                            r.boxes[:, 3].clamp(0, size[0]),
-                        ],
-                        1,
-                    )
+                    r.boxes = clip_boxes_to_image(r.boxes, size)
                 start += n
 
         return detect(boxes, list(scores.split(counts)), self.cfg, image_sizes, infos, None, refine)
@@ -390,12 +383,4 @@ def jitter_boxes(
     new_wh = wh * (1 + offsets[:, 2:])
     out = torch.cat([new_cxcy - new_wh / 2, new_cxcy + new_wh / 2], dim=1)
     height, width = image_size
-    return torch.stack(
-        [
-            out[:, 0].clamp(0, width - 1),
-            out[:, 1].clamp(0, height - 1),
-            out[:, 2].clamp(0, width - 1),
-            out[:, 3].clamp(0, height - 1),
-        ],
-        1,
-    )
+    return clip_boxes_to_image(out, (height - 1, width - 1))

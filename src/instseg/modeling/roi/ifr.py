@@ -169,6 +169,23 @@ class SolverStats:
     residual: float
 
 
+@dataclass
+class Solver:
+    """Settings of one kind of solve (forward or backward) and the stats of its latest:
+    at most ``max_steps`` Broyden steps, stop below ``tol * sqrt(numel)`` (the whole batch's
+    residual), the official ``-g`` first step unless ``official_first_step`` is false."""
+
+    max_steps: int
+    tol: float
+    official_first_step: bool
+    last: SolverStats | None = None
+
+    def solve(self, g: Callable[[Tensor], Tensor], z0: Tensor) -> Tensor:
+        tol = self.tol * math.sqrt(z0.numel())
+        z, self.last = broyden(g, z0, self.max_steps, tol, self.official_first_step)
+        return z
+
+
 def broyden(
     g: Callable[[Tensor], Tensor],
     z0: Tensor,
@@ -241,7 +258,7 @@ class _ImplicitGradient(torch.autograd.Function):
     w (J - I) + v`` from ``w = 0`` with vector-Jacobian products of ``f`` at ``z1``."""
 
     @staticmethod
-    def forward(ctx: Any, z1: Tensor, step: Callable[[Tensor], Tensor], solver: dict) -> Tensor:
+    def forward(ctx: Any, z1: Tensor, step: Callable[[Tensor], Tensor], solver: Solver) -> Tensor:
         ctx.save_for_backward(z1)
         ctx.step, ctx.solver = step, solver
         return z1.view_as(z1)
@@ -257,37 +274,24 @@ class _ImplicitGradient(torch.autograd.Function):
             (vjp,) = torch.autograd.grad(residual, z, w, retain_graph=True)
             return vjp + grad
 
-        solver = ctx.solver
-        tol = solver["tol"] * math.sqrt(grad.numel())
-        w, stats = broyden(
-            vjp_residual, torch.zeros_like(grad), solver["max_steps"], tol, solver["first_step"]
-        )
-        solver["stats"] = stats
-        return w, None, None
+        return ctx.solver.solve(vjp_residual, torch.zeros_like(grad)), None, None
 
 
 def equilibrium(
     step: Callable[[Tensor], Tensor],
     step_detached: Callable[[Tensor], Tensor],
     z0: Tensor,
-    forward_solver: dict,
-    backward_solver: dict,
+    forward_solver: Solver,
+    backward_solver: Solver,
     training: bool,
-) -> tuple[Tensor, SolverStats]:
+) -> Tensor:
     """The fixed point of ``step`` from ``z0``; in training ``step(z*)`` with the implicit
     gradient, else ``z*``. ``step_detached`` is ``step`` with its parameters and input
     detached (what the solvers differentiate through)."""
-    tol = forward_solver["tol"] * math.sqrt(z0.numel())
-    z_star, stats = broyden(
-        lambda z: step_detached(z) - z,
-        z0,
-        forward_solver["max_steps"],
-        tol,
-        forward_solver["first_step"],
-    )
+    z_star = forward_solver.solve(lambda z: step_detached(z) - z, z0)
     if not training or not torch.is_grad_enabled():
-        return z_star, stats
-    return _ImplicitGradient.apply(step(z_star), step_detached, backward_solver), stats
+        return z_star
+    return _ImplicitGradient.apply(step(z_star), step_detached, backward_solver)
 
 
 # ------------------------------------------------------------------- the head
@@ -311,12 +315,17 @@ class IFRMaskHead(nn.Module):
         nn.init.zeros_(self.deconv.bias)
         nn.init.normal_(self.predictor.weight, std=0.001)
         nn.init.zeros_(self.predictor.bias)
-        self.last_solve: SolverStats | None = None
-        self._backward_solver: dict = {}
+        first_step = cfg.official_first_step
+        self.forward_solver = Solver(cfg.forward_max_steps, cfg.forward_tol, first_step)
+        self.backward_solver = Solver(cfg.backward_max_steps, cfg.backward_tol, first_step)
+
+    @property
+    def last_solve(self) -> SolverStats | None:
+        return self.forward_solver.last
 
     @property
     def last_backward(self) -> SolverStats | None:
-        return self._backward_solver.get("stats")
+        return self.backward_solver.last
 
     def uses_equilibrium(self, train_step: int | None) -> bool:
         """Whether a forward at ``train_step`` (None: not training) solves for the fixed
@@ -331,7 +340,7 @@ class IFRMaskHead(nn.Module):
         block = self.repeat_block
         weights = block.weights()
         z = torch.zeros_like(x)
-        self.last_solve = None
+        self.forward_solver.last = self.backward_solver.last = None
         if not self.uses_equilibrium(train_step):
             for _ in range(cfg.unroll_steps):
                 z = block(z, x, weights)
@@ -342,25 +351,14 @@ class IFRMaskHead(nn.Module):
         def step_detached(state: Tensor) -> Tensor:
             return block(state, x_detached, weights_detached)
 
-        self._backward_solver = {
-            "max_steps": cfg.backward_max_steps,
-            "tol": cfg.backward_tol,
-            "first_step": cfg.official_first_step,
-        }
-        forward_solver = {
-            "max_steps": cfg.forward_max_steps,
-            "tol": cfg.forward_tol,
-            "first_step": cfg.official_first_step,
-        }
-        z, self.last_solve = equilibrium(
+        return equilibrium(
             lambda state: block(state, x, weights),
             step_detached,
             z,
-            forward_solver,
-            self._backward_solver,
+            self.forward_solver,
+            self.backward_solver,
             training=train_step is not None,
         )
-        return z
 
     def forward(self, x: Tensor, train_step: int | None = None) -> Tensor:
         z = self.refine(x, train_step)
