@@ -117,6 +117,41 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score(args: argparse.Namespace) -> int:
+    from .evaluation import format_table, write_json
+    from .evaluation.score import evaluate_results
+
+    try:
+        metrics = evaluate_results(args.ann, args.results, max_dets=args.max_dets)
+    except DataError:
+        raise
+    except ValueError as exc:  # malformed annotations or results: the message names them
+        raise DataError(str(exc)) from exc
+    print(format_table(metrics))
+    if args.out is not None:
+        write_json(args.out, metrics)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _cocofy_lvis(args: argparse.Namespace) -> int:
+    from .data.coco import load_json
+    from .evaluation import cocofy_lvis, write_json
+
+    try:
+        cocofied = cocofy_lvis(load_json(args.lvis), str(args.lvis))
+    except DataError:
+        raise
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{args.lvis}: not a usable LVIS json ({exc})") from exc
+    write_json(args.out, cocofied)
+    print(
+        f"wrote {args.out}: {len(cocofied['images'])} images, "
+        f"{len(cocofied['annotations'])} annotations, {len(cocofied['categories'])} categories"
+    )
+    return 0
+
+
 def _configs(args: argparse.Namespace) -> int:
     width = max(len(name) for name in ZOO)
     for name in sorted(ZOO):
@@ -250,6 +285,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="minimum score (default: %(default)s)",
     )
     predict.set_defaults(func=_predict)
+
+    score = sub.add_parser(
+        "score",
+        help="score a results json (no model)",
+        description="Score an existing COCO-format results json against an annotation file: "
+        "box AP when every result has a 'bbox', mask AP (and Boundary AP, COCO only) when every "
+        "result has a 'segmentation'. The annotation file decides the protocol: LVIS-format "
+        "files (LVIS v0.5/v1, cocofied LVIS for AP*) are scored by LVIS's federated rules "
+        "(APr/APc/APf, at most 300 detections per image), others by COCO's.",
+    )
+    score.add_argument("--ann", required=True, help="COCO- or LVIS-format annotations json")
+    score.add_argument("--results", required=True, help="COCO-format results json")
+    score.add_argument("--out", help="write the metrics json here")
+    score.add_argument(
+        "--max-dets",
+        type=int,
+        help="detections per image (default: COCO 100, LVIS 300)",
+    )
+    score.set_defaults(func=_score)
+
+    cocofy = sub.add_parser(
+        "cocofy-lvis",
+        help="build the cocofied LVIS json of AP*",
+        description="Restrict an LVIS json (e.g. lvis_v0.5_val.json) to the 80 COCO categories "
+        "with COCO category ids, as detectron2's prepare_cocofied_lvis.py: the ground truth of "
+        "AP* (`instseg eval --ann OUT`, `instseg score --ann OUT`).",
+    )
+    cocofy.add_argument("lvis", metavar="LVIS_JSON", help="an LVIS annotations json")
+    cocofy.add_argument("out", metavar="OUT_JSON", help="where to write the cocofied json")
+    cocofy.set_defaults(func=_cocofy_lvis)
 
     configs = sub.add_parser("configs", help="list the named configs")
     configs.set_defaults(func=_configs)

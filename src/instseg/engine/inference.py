@@ -10,7 +10,8 @@ from torch import nn
 
 from ..data.coco import CocoDataset
 from ..data.loader import build_loader
-from ..evaluation import evaluate_coco, instances_to_coco_results, write_results
+from ..evaluation import instances_to_coco_results, write_results
+from ..evaluation.score import evaluate_results
 from ..structures import ImageInfo, Instances
 
 
@@ -49,10 +50,12 @@ def evaluate_model(
     results_path: str | Path | None = None,
     num_workers: int = 0,
 ) -> dict:
-    """COCO metrics (percent) of ``model`` on ``dataset``; optionally writes the results json.
+    """Metrics (percent) of ``model`` on ``dataset``; optionally writes the results json.
 
-    Box AP always; mask AP and Boundary AP too when the model predicts masks and the dataset
-    has them.
+    Box AP always; mask AP (and Boundary AP, COCO only) too when the model predicts masks and
+    the dataset has them. The annotation file decides the protocol: LVIS-format files (LVIS,
+    cocofied LVIS for AP*) are scored by LVIS's federated rules, others by COCO's; see
+    :func:`instseg.evaluation.score.evaluate_results`.
     """
     category_ids = [c.id for c in dataset.categories]
     results: list[dict] = []
@@ -62,12 +65,10 @@ def evaluate_model(
         results += instances_to_coco_results(detections, info.image_id, category_ids)
     if results_path is not None:
         write_results(results_path, results)
-    with_mask_eval = with_masks and dataset.with_masks
-    iou_types = ("bbox", "segm", "boundary") if with_mask_eval else ("bbox",)
-    return evaluate_coco(
-        str(dataset.ann_file),
+    return evaluate_results(
+        dataset.ann_file,
         results,
-        iou_types=iou_types,
+        masks=with_masks and dataset.with_masks,
         max_dets=max_dets,
         image_ids=[r.image_id for r in dataset.records],
     )

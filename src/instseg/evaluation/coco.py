@@ -169,12 +169,16 @@ def _quiet() -> contextlib.redirect_stdout[io.StringIO]:
 def load_coco(path: str | Path) -> COCO:
     """Open a COCO-format ground-truth json as a pycocotools ``COCO``, with errors that name
     the file (missing, malformed json, missing ``images`` / ``annotations`` / ``categories``)."""
-    dataset = _read_json(path, "COCO annotation")
+    return load_coco_dict(_read_json(path, "COCO annotation"), str(path))
+
+
+def load_coco_dict(dataset: Any, source: str) -> COCO:
+    """A loaded COCO-format json (``source`` names it in errors) as a pycocotools ``COCO``."""
     if not isinstance(dataset, dict):
-        raise ValueError(f"COCO annotation file {path}: top level must be an object")
+        raise ValueError(f"COCO annotation file {source}: top level must be an object")
     for key in ("images", "annotations", "categories"):
         if not isinstance(dataset.get(key), list):
-            raise ValueError(f"COCO annotation file {path}: '{key}' must be a list")
+            raise ValueError(f"COCO annotation file {source}: '{key}' must be a list")
     coco = COCO()
     coco.dataset = dataset
     with _quiet():
@@ -199,23 +203,23 @@ def _type_names(iou_types: Sequence[str]) -> str:
     return f"iou type{'s' if len(iou_types) > 1 else ''} {quoted}"
 
 
-def _check_results(results: list[dict[str, Any]], gt: COCO, iou_types: Sequence[str]) -> None:
-    """Reject results pycocotools would mis-handle or fail on with an opaque assert."""
+def check_result_fields(
+    results: list[dict[str, Any]], images: dict[Any, dict[str, Any]], iou_types: Sequence[str]
+) -> None:
+    """Reject results the evaluators would mis-handle or fail on with an opaque assert:
+    non-dicts, missing keys, images not in ``images`` (ground-truth image dicts by id), a
+    missing 'bbox' / 'segmentation' for the requested iou types, masks that are not
+    compressed RLEs of the image's size."""
     for i, r in enumerate(results):
         if not isinstance(r, dict):
             raise ValueError(f"result {i} is a {type(r).__name__}, not a dict")
         missing = [k for k in ("image_id", "category_id", "score") if k not in r]
         if missing:
             raise ValueError(f"result {i} lacks {missing}")
-    unknown_images = {r["image_id"] for r in results} - set(gt.getImgIds())
+    unknown_images = {r["image_id"] for r in results} - set(images)
     if unknown_images:
         raise ValueError(
             f"results reference image ids not in the ground truth: {_preview(unknown_images)}"
-        )
-    unknown_cats = {r["category_id"] for r in results} - set(gt.getCatIds())
-    if unknown_cats:
-        raise ValueError(
-            f"results reference category ids not in the ground truth: {_preview(unknown_cats)}"
         )
     if "bbox" in iou_types:
         lacking = [i for i, r in enumerate(results) if "bbox" not in r]
@@ -250,13 +254,23 @@ def _check_results(results: list[dict[str, Any]], gt: COCO, iou_types: Sequence[
                     f"result {i}: 'segmentation' must be a compressed RLE "
                     "{'size': [h, w], 'counts': str}"
                 )
-            img = gt.imgs[r["image_id"]]
+            img = images[r["image_id"]]
             if list(seg["size"]) != [img["height"], img["width"]]:
                 raise ValueError(
                     f"result {i}: mask size {list(seg['size'])} differs from image "
                     f"{r['image_id']} size [{img['height']}, {img['width']}] (masks must be "
                     "in original image coordinates)"
                 )
+
+
+def _check_results(results: list[dict[str, Any]], gt: COCO, iou_types: Sequence[str]) -> None:
+    """:func:`check_result_fields`, and every category must be a ground-truth category."""
+    check_result_fields(results, gt.imgs, iou_types)
+    unknown_cats = {r["category_id"] for r in results} - set(gt.getCatIds())
+    if unknown_cats:
+        raise ValueError(
+            f"results reference category ids not in the ground truth: {_preview(unknown_cats)}"
+        )
 
 
 def _result_copies(results: list[dict[str, Any]], iou_type: str) -> list[dict[str, Any]]:
@@ -290,14 +304,10 @@ def _silent(*args: Any, **kwargs: Any) -> None:
     """faster-coco-eval's ``print_function``: no progress output."""
 
 
-def _boundary_eval(gt: COCO, results: list[dict[str, Any]]) -> faster_coco_eval.COCOeval_faster:
-    """A faster-coco-eval ``COCOeval_faster`` for Boundary AP of ``results`` against ``gt``.
-
-    faster-coco-eval has its own ``COCO`` class, so the ground truth is rebuilt as one. Every
-    dict is a copy: its ``loadRes`` writes ``id`` / ``area`` / ``bbox`` into the result dicts,
-    and its ``evaluate`` writes ``rle`` / ``boundary`` / ``ignore`` into the annotation dicts.
-    """
-    dataset = gt.dataset
+def fast_gt_copy(dataset: dict[str, Any]) -> faster_coco_eval.COCO:
+    """The ground truth ``dataset`` as a faster-coco-eval ``COCO``, built from copies of
+    every image, category and annotation dict (its ``evaluate`` writes ``rle`` /
+    ``boundary`` / ``ignore`` into the annotation dicts)."""
     fast_gt = faster_coco_eval.COCO(print_function=_silent)
     fast_gt.dataset = {
         "images": [dict(img) for img in dataset["images"]],
@@ -305,6 +315,17 @@ def _boundary_eval(gt: COCO, results: list[dict[str, Any]]) -> faster_coco_eval.
         "annotations": [dict(ann) for ann in dataset.get("annotations", [])],
     }
     fast_gt.createIndex()
+    return fast_gt
+
+
+def _boundary_eval(gt: COCO, results: list[dict[str, Any]]) -> faster_coco_eval.COCOeval_faster:
+    """A faster-coco-eval ``COCOeval_faster`` for Boundary AP of ``results`` against ``gt``.
+
+    faster-coco-eval has its own ``COCO`` class, so the ground truth is rebuilt as one (from
+    copies); the results are copies too: its ``loadRes`` writes ``id`` / ``area`` / ``bbox``
+    into the result dicts.
+    """
+    fast_gt = fast_gt_copy(gt.dataset)
     fast_dt = fast_gt.loadRes(_result_copies(results, "boundary"))
     return faster_coco_eval.COCOeval_faster(
         fast_gt,
