@@ -10,15 +10,20 @@ the same averaging rules gives the right number for any cap.
 
 Three iou types ("metric families"):
 
-- ``bbox`` and ``segm``: box and mask AP, computed by pycocotools.
+- ``bbox`` and ``segm``: box and mask AP with pycocotools' rules (``COCOeval``), computed by
+  faster-coco-eval's C++ re-implementation of it (``COCOeval_faster``), several times faster
+  on large sets (``benchmarks/evaluation.py``); the tests compare every metric with
+  pycocotools' own on the same results.
 - ``boundary``: Boundary AP (Cheng et al., "Boundary IoU", CVPR 2021). It is mask AP with the
   detection / ground-truth IoU replaced by min(mask IoU, boundary IoU). The boundary of a
   mask is the mask minus its erosion by d = max(1, round(0.02 * image diagonal)) pixels
   (dilation ratio 0.02; pixels outside the image count as background), and boundary IoU is
   the IoU of the two boundaries. Crowd regions keep plain mask IoU. It is computed by
-  faster-coco-eval (``COCOeval_faster``, iouType "boundary"), whose precision / recall arrays
-  have pycocotools' layout, so its AP / AR are read with the same rules as the other types.
-  It uses the same results as ``segm`` and mask areas for the area ranges.
+  faster-coco-eval too (iouType "boundary"). It uses the same results as ``segm`` and mask
+  areas for the area ranges.
+
+faster-coco-eval's precision / recall arrays have pycocotools' layout, so AP / AR of every
+type are read with the same rules.
 
 Metrics are in percent (0-100); a metric with nothing to average (e.g. APs on a set without
 small objects) is -1, as in pycocotools.
@@ -38,7 +43,6 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from instseg.fileio import atomic_write_json
 from instseg.structures import Instances
@@ -282,24 +286,6 @@ def _result_copies(results: list[dict[str, Any]], iou_type: str) -> list[dict[st
     return [{k: r[k] for k in keys} for r in results]
 
 
-def _load_results(gt: COCO, results: list[dict[str, Any]], iou_type: str) -> COCO:
-    """Results as a pycocotools ``COCO``."""
-    anns = _result_copies(results, iou_type)
-    if anns:
-        with _quiet():
-            return gt.loadRes(anns)
-    # loadRes indexes anns[0]: build the empty result set by hand.
-    dt = COCO()
-    dt.dataset = {
-        "images": list(gt.dataset["images"]),
-        "categories": list(gt.dataset["categories"]),
-        "annotations": [],
-    }
-    with _quiet():
-        dt.createIndex()
-    return dt
-
-
 def _silent(*args: Any, **kwargs: Any) -> None:
     """faster-coco-eval's ``print_function``: no progress output."""
 
@@ -318,21 +304,33 @@ def fast_gt_copy(dataset: dict[str, Any]) -> faster_coco_eval.COCO:
     return fast_gt
 
 
-def _boundary_eval(gt: COCO, results: list[dict[str, Any]]) -> faster_coco_eval.COCOeval_faster:
-    """A faster-coco-eval ``COCOeval_faster`` for Boundary AP of ``results`` against ``gt``.
+def empty_results(gt: faster_coco_eval.COCO) -> faster_coco_eval.COCO:
+    """An empty result set for ``gt`` (``loadRes`` indexes its first result)."""
+    dt = faster_coco_eval.COCO(print_function=_silent)
+    dt.dataset = {
+        "images": list(gt.dataset["images"]),
+        "categories": list(gt.dataset["categories"]),
+        "annotations": [],
+    }
+    dt.createIndex()
+    return dt
 
-    faster-coco-eval has its own ``COCO`` class, so the ground truth is rebuilt as one (from
-    copies); the results are copies too: its ``loadRes`` writes ``id`` / ``area`` / ``bbox``
-    into the result dicts.
-    """
-    fast_gt = fast_gt_copy(gt.dataset)
-    fast_dt = fast_gt.loadRes(_result_copies(results, "boundary"))
+
+def fast_evaluator(
+    fast_gt: faster_coco_eval.COCO,
+    results: list[dict[str, Any]],
+    iou_type: str,
+    lvis_style: bool = False,
+) -> faster_coco_eval.COCOeval_faster:
+    """A faster-coco-eval ``COCOeval_faster`` of ``results`` against ``fast_gt`` (see
+    :func:`fast_gt_copy`) for ``iou_type``; ``lvis_style`` applies LVIS's federated rules.
+    The results are copied (:func:`_result_copies`): ``loadRes`` writes ``id`` / ``area`` /
+    ``bbox`` into the result dicts."""
+    copies = _result_copies(results, iou_type)
+    fast_dt = fast_gt.loadRes(copies) if copies else empty_results(fast_gt)
+    extra = {"boundary_dilation_ratio": BOUNDARY_DILATION_RATIO} if iou_type == "boundary" else {}
     return faster_coco_eval.COCOeval_faster(
-        fast_gt,
-        fast_dt,
-        "boundary",
-        print_function=_silent,
-        boundary_dilation_ratio=BOUNDARY_DILATION_RATIO,
+        fast_gt, fast_dt, iou_type, print_function=_silent, lvis_style=lvis_style, **extra
     )
 
 
@@ -342,9 +340,7 @@ def _mean_valid(values: np.ndarray) -> float:
     return float(np.mean(valid)) if valid.size else -1.0
 
 
-def _metrics_from_eval(
-    E: COCOeval | faster_coco_eval.COCOeval_faster, max_dets: int
-) -> dict[str, float]:
+def _metrics_from_eval(E: faster_coco_eval.COCOeval_faster, max_dets: int) -> dict[str, float]:
     """AP/AR as summarize() defines them, read from the accumulated arrays for any maxDets.
 
     pycocotools' and faster-coco-eval's ``params`` and ``eval`` arrays share one layout.
@@ -401,10 +397,9 @@ def evaluate_coco(
     leaves out "boundary" (Boundary AP, see the module docstring), which costs more time.
     ``max_dets`` is the per-image detection cap (pycocotools ``maxDets = [1, 10, max_dets]``);
     AP and APs/m/l are taken at that cap. ``image_ids`` restricts the evaluation to those
-    images (results on other images are dropped). Empty results give AP 0. Note that segm
-    evaluation converts the ground truth's polygons to RLE in place (pycocotools does).
-    ``summarize=True`` prints ``format_table`` of the metrics; pycocotools' own output is
-    always silenced.
+    images (results on other images are dropped). Empty results give AP 0; ``gt`` and
+    ``results`` are not modified. ``summarize=True`` prints ``format_table`` of the metrics;
+    the evaluators' own output is always silenced.
     """
     iou_types = tuple(dict.fromkeys(iou_types))
     bad = [t for t in iou_types if t not in IOU_TYPES]
@@ -443,12 +438,9 @@ def evaluate_coco(
             )
 
     metrics: dict[str, dict[str, float]] = {}
-    E: COCOeval | faster_coco_eval.COCOeval_faster
+    fast_gt = fast_gt_copy(coco_gt.dataset)
     for iou_type in iou_types:
-        if iou_type == "boundary":
-            E = _boundary_eval(coco_gt, results)
-        else:
-            E = COCOeval(coco_gt, _load_results(coco_gt, results, iou_type), iou_type)
+        E = fast_evaluator(fast_gt, results, iou_type)
         E.params.maxDets = [1, 10, max_dets]
         if image_ids is not None:
             E.params.imgIds = sorted(set(image_ids))

@@ -44,9 +44,8 @@ from instseg.evaluation.coco import (
     _mean_valid,
     _preview,
     _read_json,
-    _result_copies,
-    _silent,
     check_result_fields,
+    fast_evaluator,
     fast_gt_copy,
     format_table,
 )
@@ -150,17 +149,6 @@ def limit_detections_per_image(
     return kept
 
 
-def _empty_results(gt: faster_coco_eval.COCO) -> faster_coco_eval.COCO:
-    dt = faster_coco_eval.COCO(print_function=_silent)
-    dt.dataset = {
-        "images": list(gt.dataset["images"]),
-        "categories": list(gt.dataset["categories"]),
-        "annotations": [],
-    }
-    dt.createIndex()
-    return dt
-
-
 def _lvis_metrics(E: faster_coco_eval.COCOeval_faster, max_dets: int) -> dict[str, float]:
     """lvis-api's summary (``LVISEval.summarize``) read from the accumulated arrays."""
     p = E.params
@@ -235,11 +223,7 @@ def evaluate_lvis(
     fast_gt = fast_gt_copy(dataset)
     metrics: dict[str, dict[str, float]] = {}
     for iou_type in iou_types:
-        copies = _result_copies(results, iou_type)
-        fast_dt = fast_gt.loadRes(copies) if copies else _empty_results(fast_gt)
-        E = faster_coco_eval.COCOeval_faster(
-            fast_gt, fast_dt, iou_type, print_function=_silent, lvis_style=True
-        )
+        E = fast_evaluator(fast_gt, results, iou_type, lvis_style=True)
         E.params.maxDets = [max_dets]
         E.params.areaRng = [[0.0, 1e5**2], *_AREA_RANGES.values()]
         E.params.areaRngLbl = ["all", *_AREA_RANGES]
