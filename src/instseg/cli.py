@@ -152,6 +152,20 @@ def _cocofy_lvis(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cityscapes_to_coco(args: argparse.Namespace) -> int:
+    from .data.cityscapes import convert_cityscapes
+
+    if args.workers < 0:
+        raise DataError(f"--workers must be >= 0, got {args.workers}")
+    for result, path in convert_cityscapes(args.root, args.out, args.splits, args.workers):
+        skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(result.skipped.items()))
+        print(
+            f"{result.split}: {result.num_images} images, {result.num_annotations} annotations "
+            f"({result.num_crowd} crowd) -> {path}" + (f"; skipped {skipped}" if skipped else "")
+        )
+    return 0
+
+
 def _configs(args: argparse.Namespace) -> int:
     width = max(len(name) for name in ZOO)
     for name in sorted(ZOO):
@@ -315,6 +329,35 @@ def build_parser() -> argparse.ArgumentParser:
     cocofy.add_argument("lvis", metavar="LVIS_JSON", help="an LVIS annotations json")
     cocofy.add_argument("out", metavar="OUT_JSON", help="where to write the cocofied json")
     cocofy.set_defaults(func=_cocofy_lvis)
+
+    cityscapes = sub.add_parser(
+        "cityscapes-to-coco",
+        help="convert Cityscapes gtFine annotations to COCO jsons",
+        description="Convert the official Cityscapes layout (ROOT/leftImg8bit/<split>/<city>/"
+        "*_leftImg8bit.png beside ROOT/gtFine/<split>/<city>/*_gtFine_instanceIds.png) to "
+        "DIR/instancesonly_filtered_gtFine_<split>.json as mmdetection's "
+        "tools/dataset_converters/cityscapes.py writes them: the 8 evaluated classes with their "
+        "Cityscapes label ids, one RLE annotation per instance id, groups as crowd. Image file "
+        "names are relative to ROOT/leftImg8bit/<split>.",
+    )
+    cityscapes.add_argument(
+        "root", metavar="ROOT", help="the Cityscapes folder holding leftImg8bit/ and gtFine/"
+    )
+    cityscapes.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    cityscapes.add_argument(
+        "--splits",
+        nargs="+",
+        default=["train", "val"],
+        metavar="SPLIT",
+        help="splits to convert (default: train val)",
+    )
+    cityscapes.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="processes reading the PNGs (default: %(default)s, this process)",
+    )
+    cityscapes.set_defaults(func=_cityscapes_to_coco)
 
     configs = sub.add_parser("configs", help="list the named configs")
     configs.set_defaults(func=_configs)
