@@ -11,6 +11,10 @@ Every problem in the data is reported with the file, image or annotation it conc
   are counted by reason in ``CocoDataset.skipped`` and logged once when the json is read.
 
 Crowd annotations (``iscrowd: 1``) are kept apart as ignore regions, never as targets.
+LVIS jsons read the same way: their images name their file by ``coco_url`` (the images
+folder is then the COCO root holding ``train2017/`` and ``val2017/``) and their annotations
+have no ``iscrowd``; the extra LVIS keys (``neg_category_ids``, ``frequency``...) are
+left to the evaluation.
 Images of any mode (grayscale, palette, RGBA, 16-bit) are read as 8-bit RGB.
 """
 
@@ -90,6 +94,22 @@ def _valid_polygons(segmentation: Any) -> bool:
     return False
 
 
+def _file_name(img: dict, where: str) -> str:
+    """The image's path relative to the images folder: its ``file_name``, or for LVIS (v1 and
+    v0.5 images carry only a ``coco_url``) the last two parts of the url,
+    ``http://images.cocodataset.org/train2017/000000155379.jpg`` -> ``train2017/000000155379.jpg``
+    under the COCO root, as detectron2's ``get_file_name`` and mmdet's ``LVISV1Dataset``."""
+    if "file_name" in img:
+        return str(img["file_name"])
+    url = img.get("coco_url")
+    if url is None:
+        raise DataError(f"{where}: missing key 'file_name' (or an LVIS 'coco_url')")
+    parts = [p for p in str(url).split("/") if p]
+    if len(parts) < 2:
+        raise DataError(f"{where}: coco_url {url!r} does not end in <split folder>/<image file>")
+    return f"{parts[-2]}/{parts[-1]}"
+
+
 def parse_coco(
     data: dict, source: str, with_masks: bool = True
 ) -> tuple[list[Category], list[ImageRecord], Counter]:
@@ -120,7 +140,7 @@ def parse_coco(
             raise DataError(f"{where} (id {image_id}): non-positive size {height}x{width}")
         records[image_id] = ImageRecord(
             image_id,
-            str(_require(img, "file_name", where)),
+            _file_name(img, f"{where} (id {image_id})"),
             height,
             width,
             np.zeros((0, 4), np.float32),
