@@ -8,6 +8,7 @@ format are upgraded on load by :func:`instseg.configs.compat.upgrade_config`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..engine import TrainConfig
@@ -18,7 +19,14 @@ from ..modeling.detectors import ModelChoice, TwoStageConfig
 class DataConfig:
     """Where the data is, how images are sized and normalised. Paths may also come from the
     CLI. ``pixel_mean``/``pixel_std`` are in the network's channel order: RGB, or BGR with
-    ``bgr=True`` (detectron2/cvpods MSRA backbones: mean (103.53, 116.28, 123.675), std 1)."""
+    ``bgr=True`` (detectron2/cvpods MSRA backbones: mean (103.53, 116.28, 123.675), std 1).
+
+    ``train_scale_mode`` is mmdet 2.x's ``multiscale_mode``: "value" picks one of
+    ``train_scales`` per image, "range" samples the long and the short edge as integers
+    between those of two scales (one scale: that scale, as mmdet). ``repeat_threshold`` is
+    mmdet's ``ClassBalancedDataset`` ``oversample_thr`` (LVIS: 1e-3): images with categories
+    rarer than it are repeated in every epoch (:func:`instseg.data.loader.repeat_factors`); None
+    trains on each image once per epoch."""
 
     train_ann: str | None = None
     train_images: str | None = None
@@ -31,10 +39,29 @@ class DataConfig:
     pixel_mean: tuple[float, float, float] = IMAGENET_MEAN
     pixel_std: tuple[float, float, float] = IMAGENET_STD
     bgr: bool = False
+    train_scale_mode: Literal["value", "range"] = "value"
+    repeat_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if not self.train_scales:
             raise ValueError("data.train_scales must not be empty")
+        if self.train_scale_mode not in ("value", "range"):
+            raise ValueError(
+                "data.train_scale_mode must be one of ('value', 'range'), got "
+                f"{self.train_scale_mode!r}"
+            )
+        if self.train_scale_mode == "range" and len(self.train_scales) > 2:
+            raise ValueError(
+                "data.train_scale_mode 'range' samples between two data.train_scales (the "
+                f"smallest and largest edges), got {len(self.train_scales)} scales"
+            )
+        threshold = self.repeat_threshold
+        if threshold is not None and (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, (int, float))
+            or not 0 < threshold <= 1
+        ):
+            raise ValueError(f"data.repeat_threshold must be None or in (0, 1], got {threshold!r}")
         if not 0.0 <= self.flip_prob <= 1.0:
             raise ValueError(f"data.flip_prob must be in [0, 1], got {self.flip_prob}")
         if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or min(self.pixel_std) <= 0:

@@ -1,4 +1,5 @@
-"""Batching: padding collate and an aspect-ratio grouped, resumable batch order.
+"""Batching: padding collate, repeat-factor sampling and an aspect-ratio grouped, resumable
+batch order.
 
 The batch order of every epoch is a pure function of ``(seed, epoch)``, and each sample
 carries its own random seed (for scale choice and flip), so iteration ``i`` of a run always
@@ -8,7 +9,9 @@ the number of loader workers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,12 +46,47 @@ def make_collate(size_divisor: int = 32):
     return collate
 
 
+def repeat_factors(category_sets: Sequence[Iterable[int]], threshold: float) -> list[float]:
+    """Per-image repeat factors of class-balanced sampling (LVIS, Gupta et al. 2019), as
+    mmengine's ``ClassBalancedDataset._get_repeat_factors`` with ``oversample_thr=threshold``.
+
+    For ``N`` images, with ``category_sets[i]`` the categories of image ``i``:
+
+    - ``f(c) = |{i : c in category_sets[i]}| / N``, the fraction of images containing ``c``;
+    - ``r(c) = max(1, sqrt(threshold / f(c)))``;
+    - ``r(i) = max over c in category_sets[i] of r(c)``, and 1 for an image without any.
+    """
+    sets = [set(categories) for categories in category_sets]
+    if not sets:
+        raise ValueError("repeat factors of an empty dataset")
+    if not threshold > 0:
+        raise ValueError(f"the repeat threshold must be positive, got {threshold!r}")
+    counts = Counter(c for categories in sets for c in categories)
+    num_images = len(sets)
+    category_repeat = {
+        c: max(1.0, math.sqrt(threshold / (n / num_images))) for c, n in counts.items()
+    }
+    return [max((category_repeat[c] for c in cats), default=1.0) for cats in sets]
+
+
+def repeat_counts(factors: Sequence[float]) -> list[int]:
+    """How many times each image appears in every epoch: ``ceil(r(i))``, mmengine's
+    deterministic rounding (``ClassBalancedDataset`` lists image ``i`` ``ceil(r(i))`` times;
+    detectron2's sampler rounds stochastically instead)."""
+    return [math.ceil(r) for r in factors]
+
+
 class GroupedBatchSampler(torch.utils.data.Sampler):
     """Batches of images of the same orientation (landscape or portrait), shuffled per epoch.
 
     Grouping by aspect ratio keeps padding small (mmdet ``GroupSampler``). Yields lists of
     ``(dataset_index, sample_seed)``. ``batches(epoch)`` is deterministic given ``seed``;
     ``start_batch`` skips the first batches of the first epoch, for resuming mid-epoch.
+
+    ``repeats[i]`` (default 1) is how many times image ``i`` appears in every epoch (repeat-
+    factor sampling, :func:`repeat_counts`): an epoch goes over the repeated index list as
+    mmengine's ``ClassBalancedDataset``, each copy a position of its own, with its own place
+    in the shuffle and its own sample seed.
     """
 
     def __init__(
@@ -58,12 +96,23 @@ class GroupedBatchSampler(torch.utils.data.Sampler):
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
+        repeats: Sequence[int] | None = None,
     ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if repeats is None:
+            indices = list(range(len(aspect_ratios)))
+        else:
+            if len(repeats) != len(aspect_ratios):
+                raise ValueError(f"{len(repeats)} repeat counts for {len(aspect_ratios)} images")
+            bad = [n for n in repeats if isinstance(n, bool) or not isinstance(n, int) or n < 1]
+            if bad:
+                raise ValueError(f"repeat counts must be integers >= 1, got {bad[:3]}")
+            indices = [i for i, n in enumerate(repeats) for _ in range(n)]
+        self.num_samples = len(indices)
         self.groups = [
-            [i for i, r in enumerate(aspect_ratios) if r >= 1],
-            [i for i, r in enumerate(aspect_ratios) if r < 1],
+            [i for i in indices if aspect_ratios[i] >= 1],
+            [i for i in indices if aspect_ratios[i] < 1],
         ]
         self.batch_size = batch_size
         self.shuffle = shuffle

@@ -1,14 +1,16 @@
 """Image and target transforms (mmdet semantics), deterministic given a generator.
 
 Training: keep-ratio resize to a scale chosen per image from ``scales`` (single- or
-multi-scale), horizontal flip with probability ``flip_prob``, normalisation. Testing: the
-first scale, no flip. Padding to a multiple of ``size_divisor`` happens when batching
+multi-scale: one of the scales, or with ``scale_mode="range"`` edges sampled between two),
+horizontal flip with probability ``flip_prob``, normalisation. Testing: the first scale, no
+flip. Padding to a multiple of ``size_divisor`` happens when batching
 (:func:`instseg.data.loader.collate`), after normalisation, so padding is zero.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -24,9 +26,10 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 
 @dataclass
 class TransformConfig:
-    """``scales`` are ``(long_edge, short_edge)`` limits; training picks one per image.
-    ``mean``/``std`` normalise the channels in the network's order: RGB, or BGR with
-    ``bgr`` (detectron2's MSRA backbones: BGR mean, std 1)."""
+    """``scales`` are ``(long_edge, short_edge)`` limits; training picks one per image
+    (``scale_mode="value"``) or samples one between two of them (``"range"``, see
+    :func:`sample_range_scale`). ``mean``/``std`` normalise the channels in the network's
+    order: RGB, or BGR with ``bgr`` (detectron2's MSRA backbones: BGR mean, std 1)."""
 
     scales: tuple[tuple[int, int], ...] = ((1333, 800),)
     flip_prob: float = 0.5
@@ -34,11 +37,20 @@ class TransformConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     size_divisor: int = 32
     bgr: bool = False
+    scale_mode: Literal["value", "range"] = "value"
 
     def __post_init__(self) -> None:
         self.scales = tuple(tuple(int(v) for v in s) for s in self.scales)  # type: ignore[assignment]
         if not self.scales or any(len(s) != 2 or min(s) <= 0 for s in self.scales):
             raise ValueError(f"scales must be (long, short) pairs of positive ints: {self.scales}")
+        if self.scale_mode not in ("value", "range"):
+            raise ValueError(
+                f"scale_mode must be one of ('value', 'range'), got {self.scale_mode!r}"
+            )
+        if self.scale_mode == "range" and len(self.scales) > 2:
+            raise ValueError(
+                f"scale_mode 'range' samples between two scales, got {len(self.scales)}"
+            )
         if not 0.0 <= self.flip_prob <= 1.0:
             raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
@@ -52,6 +64,20 @@ def rescaled_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int,
     long_edge, short_edge = max(scale), min(scale)
     factor = min(long_edge / max(height, width), short_edge / min(height, width))
     return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def sample_range_scale(
+    scales: tuple[tuple[int, int], ...], rng: torch.Generator
+) -> tuple[int, int]:
+    """mmdet 2.x ``Resize.random_sample`` (``multiscale_mode="range"``): the long edge is an
+    integer drawn uniformly from [min, max] of the scales' long edges (both ends included),
+    then the short edge likewise from their short edges; returns ``(long, short)``."""
+    if len(scales) != 2:
+        raise ValueError(f"a scale range needs two scales, got {scales}")
+    longs, shorts = [max(s) for s in scales], [min(s) for s in scales]
+    long_edge = int(torch.randint(min(longs), max(longs) + 1, (1,), generator=rng))
+    short_edge = int(torch.randint(min(shorts), max(shorts) + 1, (1,), generator=rng))
+    return long_edge, short_edge
 
 
 def resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
@@ -103,19 +129,23 @@ class DetectionTransform:
 
         ``labels`` are the record's contiguous class indices (one per box) and ``with_masks``
         says whether to rasterise its segmentations: plain values, so that the transform
-        never reaches back into the dataset. ``rng`` draws the scale, then the flip (training
-        only: the test path draws nothing).
+        never reaches back into the dataset. ``rng`` draws the scale (an index among several
+        scales, or the long then the short edge of a range), then the flip (training only:
+        the test path draws nothing).
         """
         if len(labels) != len(record.boxes):
             raise ValueError(
                 f"image {record.image_id}: {len(labels)} labels for {len(record.boxes)} boxes"
             )
         height, width = record.height, record.width
-        if self.train and len(self.cfg.scales) > 1:
-            choice = int(torch.randint(len(self.cfg.scales), (1,), generator=rng))
+        scales = self.cfg.scales
+        if self.train and len(scales) > 1 and self.cfg.scale_mode == "range":
+            scale = sample_range_scale(scales, rng)
+        elif self.train and len(scales) > 1:
+            scale = scales[int(torch.randint(len(scales), (1,), generator=rng))]
         else:
-            choice = 0
-        new_h, new_w = rescaled_size(height, width, self.cfg.scales[choice])
+            scale = scales[0]
+        new_h, new_w = rescaled_size(height, width, scale)
         flip = self.train and float(torch.rand((), generator=rng)) < self.cfg.flip_prob
         sy, sx = new_h / height, new_w / width
 

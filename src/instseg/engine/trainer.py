@@ -8,6 +8,11 @@ the same result in any worker process), and the loaders never draw from the glob
 a checkpoint holds everything else that changes: weights, optimizer buffers, the global RNG
 states and the data position. A run stopped at any iteration and resumed therefore ends
 with bit-identical weights to one that never stopped (same device, same number of threads).
+
+Two mmdet options act at the start of a run: ``TrainConfig.load_from`` initialises the
+detector from a weights file (fresh runs only; :func:`load_initial_weights`), and
+``TrainConfig.by_epoch`` counts the schedule in epochs of the training list, which
+repeat-factor sampling (``train(..., repeat_threshold=...)``) lengthens.
 """
 
 from __future__ import annotations
@@ -23,21 +28,24 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any, Literal
 
 import numpy as np
+import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from ..data.loader import GroupedBatchSampler, make_loader
+from ..data.loader import GroupedBatchSampler, make_loader, repeat_counts, repeat_factors
 from ..fileio import atomic_write_text
 from ..structures import ImageBatch, InstanceTargets, TrainingContext
 from .checkpoint import (
     FINAL_NAME,
+    JSON_SUFFIX,
     WEIGHTS_SUFFIX,
+    CheckpointError,
     checkpoint_files,
     latest_checkpoint,
     load_checkpoint,
@@ -49,7 +57,7 @@ from .schedule import ScheduleConfig, _is_int, build_optimizer, lr_at, set_lr
 LOG_NAME = "log.jsonl"
 KEEP_PERIODIC = 2
 _PERIODIC = re.compile(r"^iter_(\d+)$")
-_ENGINE_KEYS = ("iteration", "epoch", "batch", "train_config", "num_images")
+_ENGINE_KEYS = ("iteration", "epoch", "batch", "train_config", "num_images", "repeat_threshold")
 # Keys of a log record the trainer writes itself: a model output may not take them.
 _LOG_KEYS = ("iteration", "lr", "total", "grad_norm", "seconds_per_iter", "eta_seconds")
 
@@ -61,6 +69,14 @@ class TrainConfig:
     ``checkpoint_every`` iterations a checkpoint is written (0: only at the end);
     ``log_every`` iterations a line goes to ``log.jsonl`` and the progress display; ``amp``
     runs the forward pass under bf16 autocast on CUDA (ignored with a warning on CPU).
+
+    ``by_epoch``: ``max_iters`` and ``schedule.steps`` count epochs instead (mmdet's
+    ``EpochBasedTrainLoop`` and by-epoch ``MultiStepLR``); when training starts each becomes
+    that many times the batches of one epoch, a pass over the training list with its
+    repeat-factor copies, whose length is known only from the data. Warmup stays in
+    iterations, as mmdet's. ``load_from``: a ``.safetensors`` weights file that initialises
+    the model at the start of a fresh run (mmdet's ``load_from``; never on resume), skipping
+    tensors whose shapes differ (:func:`load_initial_weights`).
     """
 
     max_iters: int
@@ -72,6 +88,8 @@ class TrainConfig:
     amp: bool = False
     size_divisor: int = 32
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    by_epoch: bool = False
+    load_from: str | None = None
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -88,8 +106,16 @@ class TrainConfig:
             value = getattr(self, key)
             if not _is_int(value) or value < low:
                 raise ValueError(f"{name}.{key} must be an integer >= {low}, got {value!r}")
-        if not isinstance(self.amp, bool):
-            raise ValueError(f"{name}.amp must be true or false, got {self.amp!r}")
+        for key in ("amp", "by_epoch"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{name}.{key} must be true or false, got {getattr(self, key)!r}")
+        if self.load_from is not None and (
+            not isinstance(self.load_from, str) or not self.load_from.strip()
+        ):
+            raise ValueError(
+                f"{name}.load_from must be None or the path of a .safetensors weights file, "
+                f"got {self.load_from!r}"
+            )
         if isinstance(self.schedule, dict):
             self.schedule = ScheduleConfig(**self.schedule)
         if not isinstance(self.schedule, ScheduleConfig):
@@ -173,6 +199,106 @@ def _train_loader(
         generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch),
         worker_init_fn=_worker_init if cfg.num_workers > 0 else None,
     )
+
+
+# ---------------------------------------------------- initial weights, epochs, repeats
+
+
+@dataclass
+class InitialWeights:
+    """What :func:`load_initial_weights` did: the keys loaded, those skipped because the
+    file's shape differs from the model's (``(key, file shape, model shape)``), the model's
+    keys absent from the file and the file's keys the model does not have."""
+
+    path: Path
+    loaded: list[str]
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]
+    missing: list[str]
+    unexpected: list[str]
+
+    def summary(self) -> str:
+        lines = [f"train.load_from: loaded {len(self.loaded)} tensors from {self.path}"]
+        if self.mismatched:
+            shapes = ", ".join(f"{k} (file {a}, model {b})" for k, a, b in self.mismatched)
+            lines.append(f"  skipped {len(self.mismatched)} with another shape: {shapes}")
+        if self.missing:
+            lines.append(f"  {len(self.missing)} not in the file: {', '.join(self.missing)}")
+        if self.unexpected:
+            lines.append(f"  {len(self.unexpected)} not in the model: {', '.join(self.unexpected)}")
+        return "\n".join(lines)
+
+
+def load_initial_weights(model: nn.Module, path: str | Path) -> InitialWeights:
+    """Initialise ``model`` from the ``.safetensors`` file ``path``, as mmdet's ``load_from``
+    (mmengine ``load_checkpoint(..., strict=False)``): every tensor whose key and shape
+    match is copied; one whose shape differs (a class-specific layer of another class
+    count, e.g. COCO's 80 classes into Cityscapes' 8), the model's keys absent from the
+    file and the file's keys the model lacks are skipped and reported, keeping the
+    model's own initialisation. BatchNorm ``num_batches_tracked`` counters are not
+    reported missing (mmengine ignores them too). A missing or unreadable file, or one
+    with no tensor the model can use, is an error naming ``train.load_from``."""
+    path = Path(path)
+    if path.suffix == JSON_SUFFIX:
+        path = path.with_suffix(WEIGHTS_SUFFIX)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"train.load_from: weights file not found: {path} (relative paths are taken "
+            "from the current folder; set train.load_from=none to start from the "
+            "model's own initialisation)"
+        )
+    if path.suffix != WEIGHTS_SUFFIX:
+        raise CheckpointError(
+            f"train.load_from: {path} is not a {WEIGHTS_SUFFIX} weights file (the model "
+            "weights instseg writes; other formats are not read)"
+        )
+    try:
+        tensors = safetensors.torch.load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(
+            f"train.load_from: {path}: truncated or corrupt safetensors file ({exc})"
+        ) from exc
+    expected = model.state_dict()
+    loaded, mismatched = [], []
+    for key, wanted in expected.items():
+        if key not in tensors:
+            continue
+        if tuple(tensors[key].shape) == tuple(wanted.shape):
+            loaded.append(key)
+        else:
+            mismatched.append((key, tuple(tensors[key].shape), tuple(wanted.shape)))
+    if not loaded:
+        raise CheckpointError(
+            f"train.load_from: no tensor of {path} matches the model by name and shape "
+            f"(the file has {len(tensors)}, e.g. {list(tensors)[:3]}; the model "
+            f"{len(expected)}, e.g. {list(expected)[:3]})"
+        )
+    model.load_state_dict({k: tensors[k] for k in loaded}, strict=False)
+    return InitialWeights(
+        path=path,
+        loaded=loaded,
+        mismatched=mismatched,
+        missing=[k for k in expected if k not in tensors and "num_batches_tracked" not in k],
+        unexpected=[k for k in tensors if k not in expected],
+    )
+
+
+def _repeats(records: list, threshold: float | None) -> list[int] | None:
+    """Copies of each record per epoch under repeat-factor sampling (None: no repeats)."""
+    if threshold is None:
+        return None
+    if not all(hasattr(r, "category_ids") for r in records):
+        raise TypeError("repeat-factor sampling needs records with `category_ids`")
+    return repeat_counts(repeat_factors([r.category_ids.tolist() for r in records], threshold))
+
+
+def _resolve_epochs(cfg: TrainConfig, epoch_len: int) -> TrainConfig:
+    """``cfg`` with a ``by_epoch`` schedule in iterations: ``max_iters`` and the lr steps
+    counted in epochs of ``epoch_len`` batches (epoch ``e`` ends after ``e * epoch_len``
+    iterations, where mmdet's by-epoch milestones change the lr)."""
+    if not cfg.by_epoch:
+        return cfg
+    schedule = replace(cfg.schedule, steps=tuple(s * epoch_len for s in cfg.schedule.steps))
+    return replace(cfg, max_iters=cfg.max_iters * epoch_len, schedule=schedule, by_epoch=False)
 
 
 # ------------------------------------------------------------------------------ signals
@@ -461,10 +587,12 @@ def _restore(
     optimizer: torch.optim.Optimizer,
     cfg: TrainConfig,
     num_images: int,
+    repeat_threshold: float | None,
     device: torch.device,
 ) -> _Position:
     """Load checkpoint ``name`` (weights, optimizer, RNG states) and its position, refusing
-    one that ``cfg`` and a dataset of ``num_images`` cannot continue exactly."""
+    one that ``cfg`` and a dataset of ``num_images`` (repeated by ``repeat_threshold``)
+    cannot continue exactly."""
     state = load_checkpoint(work_dir, name, model, optimizer, device=device)
     saved_cfg = state.get("train_config", {})
     for key, now in (
@@ -478,6 +606,14 @@ def _restore(
                 f"cannot resume {work_dir / name} exactly: {key} was {before}, now "
                 f"{now}; start a new work_dir to train with different data or batching"
             )
+    # Checkpoints written before repeat-factor sampling existed never repeated.
+    before = state.get("repeat_threshold")
+    if before != repeat_threshold:
+        raise ValueError(
+            f"cannot resume {work_dir / name} exactly: the repeat threshold "
+            f"(data.repeat_threshold) was {before}, now {repeat_threshold}; start a new "
+            "work_dir to train with different data or batching"
+        )
     for key in ("iteration", "epoch", "batch"):
         if not _is_int(state.get(key)):
             raise ValueError(
@@ -500,6 +636,7 @@ def _start(
     optimizer: torch.optim.Optimizer,
     cfg: TrainConfig,
     num_images: int,
+    repeat_threshold: float | None,
     device: torch.device,
 ) -> tuple[_Position, str | None]:
     """Where the run starts, and the checkpoint it resumes from (None for a new run).
@@ -518,7 +655,9 @@ def _start(
         return _Position(), None
     if last_name is None:
         raise FileNotFoundError(f"cannot resume: no complete checkpoint in {work_dir}")
-    position = _restore(work_dir, last_name, model, optimizer, cfg, num_images, device)
+    position = _restore(
+        work_dir, last_name, model, optimizer, cfg, num_images, repeat_threshold, device
+    )
     _trim_log(work_dir / LOG_NAME, position.iteration)
     return position, last_name
 
@@ -539,6 +678,7 @@ class _Run:
         position: _Position,
         resumed_from: str | None,
         num_images: int,
+        repeat_threshold: float | None,
         extra_state: dict[str, Any],
         device: torch.device,
         amp: bool,
@@ -547,6 +687,7 @@ class _Run:
         self.model, self.dataset, self.cfg, self.work_dir = model, dataset, cfg, work_dir
         self.optimizer, self.sampler, self.position = optimizer, sampler, position
         self.resumed_from, self.num_images, self.extra_state = resumed_from, num_images, extra_state
+        self.repeat_threshold = repeat_threshold
         self.device, self.amp, self.on_iteration = device, amp, on_iteration
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.history: list[dict[str, float]] = []
@@ -645,6 +786,7 @@ class _Run:
             "epoch": pos.epoch,
             "batch": pos.batch,
             "num_images": self.num_images,
+            "repeat_threshold": self.repeat_threshold,
             "train_config": self.cfg.to_dict(),
             **self.extra_state,
         }
@@ -686,6 +828,7 @@ def train(
     resume: bool = False,
     extra_state: dict[str, Any] | None = None,
     on_iteration: Callable[[int, dict[str, float]], None] | None = None,
+    repeat_threshold: float | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``dataset`` until ``cfg.max_iters`` iterations are done.
 
@@ -698,6 +841,13 @@ def train(
     with a checkpoint and status "interrupted". ``extra_state`` (JSON-serialisable:
     config, categories...) is stored in every checkpoint. ``on_iteration(n, values)`` is
     called after iteration ``n``.
+
+    ``repeat_threshold`` turns on repeat-factor sampling (mmdet's ``ClassBalancedDataset``,
+    ``oversample_thr``): each epoch lists record ``i`` ``ceil(r(i))`` times, ``r`` from the
+    records' ``category_ids`` (:func:`instseg.data.loader.repeat_factors`); a resumed run
+    must use the threshold it started with. ``cfg.load_from`` initialises the model before
+    the first iteration of a fresh run, ``cfg.by_epoch`` resolves the schedule to
+    iterations once the epoch length is known (both reported on stderr).
     """
     extra_state, records = _check_arguments(cfg, dataset, extra_state)
     work_dir = Path(work_dir)
@@ -711,9 +861,32 @@ def train(
     model.train()
     optimizer = build_optimizer(model, cfg.schedule)
     sampler = GroupedBatchSampler(
-        [r.aspect_ratio for r in records], cfg.batch_size, shuffle=True, seed=cfg.seed
+        [r.aspect_ratio for r in records],
+        cfg.batch_size,
+        shuffle=True,
+        seed=cfg.seed,
+        repeats=_repeats(records, repeat_threshold),
     )
-    position, resumed_from = _start(work_dir, resume, model, optimizer, cfg, len(records), device)
+    notes = []
+    if repeat_threshold is not None:
+        notes.append(
+            f"repeat-factor sampling (threshold {repeat_threshold}): {sampler.num_samples} "
+            f"images per epoch from {len(records)}"
+        )
+    if cfg.by_epoch:
+        epoch_len = _epoch_length(sampler, 0)
+        epochs, steps = cfg.max_iters, cfg.schedule.steps
+        cfg = _resolve_epochs(cfg, epoch_len)
+        notes.append(
+            f"train.by_epoch: {epochs} epochs of {epoch_len} iterations = {cfg.max_iters} "
+            f"iterations, lr steps after epochs {list(steps)} = iterations "
+            f"{list(cfg.schedule.steps)}"
+        )
+    position, resumed_from = _start(
+        work_dir, resume, model, optimizer, cfg, len(records), repeat_threshold, device
+    )
+    if resumed_from is None and cfg.load_from is not None:
+        notes.append(load_initial_weights(model, cfg.load_from).summary())
     run = _Run(
         model,
         dataset,
@@ -724,9 +897,12 @@ def train(
         position=position,
         resumed_from=resumed_from,
         num_images=len(records),
+        repeat_threshold=repeat_threshold,
         extra_state=extra_state,
         device=device,
         amp=amp,
         on_iteration=on_iteration,
     )
+    for note in notes:
+        run.progress.message(note)
     return run.run()
