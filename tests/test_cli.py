@@ -125,6 +125,33 @@ def test_train_eval_predict_resume_from_the_command_line(tmp_path, capsys):
     for entry in json.loads(results.read_text()):
         assert isinstance(entry["segmentation"]["counts"], str)
         assert entry["category_id"] in (1, 3, 7)
+    # `score` scores the written results without the model: the same metrics as `eval`.
+    scored = tmp_path / "scored.json"
+    argv = ["score", "--ann", str(ann), "--results", str(results), "--out", str(scored)]
+    assert main([*argv, "--max-dets", "300"]) == 0
+    assert json.loads(scored.read_text()) == json.loads(out.read_text())
+    # An LVIS-format file (negative / not-exhaustive lists, frequencies) is scored by the LVIS
+    # protocol, by `eval` and by `score` alike; its images may be named by coco_url alone.
+    lvis = json.loads(ann.read_text())
+    for k, image in enumerate(lvis["images"]):
+        image["neg_category_ids"] = [c["id"] for c in lvis["categories"]][k % 2 :]
+        image["not_exhaustive_category_ids"] = []
+        image["coco_url"] = f"http://images.cocodataset.org/{image.pop('file_name')}"
+    for c, category in enumerate(lvis["categories"]):
+        category["frequency"] = "rcf"[c % 3]
+    for annotation in lvis["annotations"]:
+        annotation.pop("iscrowd", None)
+    lvis_ann = tmp_path / "lvis.json"
+    lvis_ann.write_text(json.dumps(lvis))
+    lvis_out, lvis_scored = tmp_path / "lvis_eval.json", tmp_path / "lvis_scored.json"
+    lvis_args = ["--ann", str(lvis_ann), "--images", str(data), "--out", str(lvis_out)]
+    assert main(["eval", "--checkpoint", weights, *lvis_args, "--results", str(results)]) == 0
+    lvis_metrics = json.loads(lvis_out.read_text())
+    assert set(lvis_metrics) == {"bbox", "segm"}
+    assert {"APr", "APc", "APf", "AR100"} <= set(lvis_metrics["segm"])
+    argv = ["score", "--ann", str(lvis_ann), "--results", str(results), "--out", str(lvis_scored)]
+    assert main([*argv, "--max-dets", "100"]) == 0
+    assert json.loads(lvis_scored.read_text()) == lvis_metrics
 
     pred = tmp_path / "pred"
     assert (

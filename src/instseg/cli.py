@@ -88,7 +88,10 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from .runner import run_eval
 
-    cfg = trained_config(args.config, args.set, args.checkpoint)
+    overrides = list(args.set)
+    if args.cityscapes_gt is not None:
+        overrides.append(f"eval.cityscapes_gt_dir={args.cityscapes_gt}")
+    cfg = trained_config(args.config, overrides, args.checkpoint)
     run_eval(
         args.checkpoint,
         args.ann,
@@ -98,6 +101,7 @@ def _eval(args: argparse.Namespace) -> int:
         args.out,
         args.results,
         args.device,
+        cityscapes_out=args.cityscapes_out,
     )
     return 0
 
@@ -253,8 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser(
         "eval",
         help="evaluate a trained model",
-        description="COCO evaluation of a checkpoint: box AP, plus mask AP and Boundary AP "
-        "(rows 'segm' and 'boundary') for models that predict masks.",
+        description="Evaluation of a checkpoint: box AP, plus mask AP and Boundary AP "
+        "(rows 'segm' and 'boundary') for models that predict masks. LVIS-format annotations "
+        "(LVIS, cocofied LVIS for AP*) are scored by LVIS's rules (no Boundary AP); "
+        "--cityscapes-gt adds the official Cityscapes evaluation.",
     )
     evaluate.add_argument(
         "config", nargs="?", metavar="CONFIG", help=f"{CONFIG_HELP} ({STORED_CONFIG})"
@@ -266,6 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-dets", type=int, help="detections per image (COCO maxDets)")
     evaluate.add_argument("--out", help="write the metrics json here")
     evaluate.add_argument("--results", help="write the COCO results json here")
+    evaluate.add_argument(
+        "--cityscapes-gt",
+        metavar="DIR",
+        help="a Cityscapes gtFine split folder (gtFine/val): add the official Cityscapes "
+        "instance evaluation (AP, AP50) of the predicted masks (eval.cityscapes_gt_dir)",
+    )
+    evaluate.add_argument(
+        "--cityscapes-out",
+        metavar="DIR",
+        help="keep the prediction files of the Cityscapes evaluation here "
+        "(default: a temporary folder)",
+    )
     evaluate.set_defaults(func=_eval)
 
     predict = sub.add_parser(

@@ -55,6 +55,7 @@ def eval_transform(cfg: ExperimentConfig) -> DetectionTransform:
 def _train_transform(cfg: ExperimentConfig) -> DetectionTransform:
     tcfg = TransformConfig(
         scales=cfg.data.train_scales,
+        scale_mode=cfg.data.train_scale_mode,
         flip_prob=cfg.data.flip_prob,
         size_divisor=cfg.train.size_divisor,
         **_normalisation(cfg),
@@ -166,7 +167,15 @@ def run_train(
     model = build_model(cfg, num_classes).to(device)
     write_json(work_dir / "config.json", to_dict(cfg))
     extra = {"config": to_dict(cfg), "categories": [[c.id, c.name] for c in categories]}
-    result = train(model, dataset, cfg.train, work_dir, resume=resume, extra_state=extra)
+    result = train(
+        model,
+        dataset,
+        cfg.train,
+        work_dir,
+        resume=resume,
+        extra_state=extra,
+        repeat_threshold=cfg.data.repeat_threshold,
+    )
     if result.status != "finished":
         print(f"stopped at iteration {result.iteration}; checkpoint in {work_dir} (use --resume)")
         return {}
@@ -180,7 +189,14 @@ def run_train(
         with_masks=with_masks,
     )
     metrics = evaluate_model(
-        model, val, cfg.eval.batch_size, device, cfg.eval.max_dets, work_dir / "results.json"
+        model,
+        val,
+        cfg.eval.batch_size,
+        device,
+        cfg.eval.max_dets,
+        work_dir / "results.json",
+        cityscapes_gt_dir=cfg.eval.cityscapes_gt_dir,
+        cityscapes_pred_dir=work_dir / "cityscapes_results" if cfg.eval.cityscapes_gt_dir else None,
     )
     write_json(work_dir / "metrics.json", metrics)
     print(format_table(metrics))
@@ -196,10 +212,13 @@ def run_eval(
     out: str | Path | None = None,
     results: str | Path | None = None,
     device: str = "cpu",
+    cityscapes_out: str | Path | None = None,
 ) -> dict:
-    """COCO metrics of trained ``weights`` on a dataset whose categories the model knows.
-    ``max_dets`` (default: the config's ``eval.max_dets``) also raises the model's per-image
-    detection cap when it is lower."""
+    """Metrics of trained ``weights`` on a dataset whose categories the model knows (COCO or
+    LVIS protocol, as the annotation file says; plus the official Cityscapes evaluation when
+    the config's ``eval.cityscapes_gt_dir`` is set, its prediction files written to
+    ``cityscapes_out``, default a temporary folder). ``max_dets`` (default: the config's
+    ``eval.max_dets``) also raises the model's per-image detection cap when it is lower."""
     trained = load_trained(weights, cfg, max_dets)
     max_dets = max_dets or trained.cfg.eval.max_dets
     dataset = CocoDataset(
@@ -216,6 +235,8 @@ def run_eval(
         device,
         max_dets,
         results,
+        cityscapes_gt_dir=trained.cfg.eval.cityscapes_gt_dir,
+        cityscapes_pred_dir=cityscapes_out,
     )
     print(format_table(metrics))
     if out is not None:

@@ -73,8 +73,16 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
+    """Evaluation after training and by ``instseg eval``. ``max_dets`` is the per-image
+    detection cap (COCO ``maxDets``; the LVIS recipes use 300). ``cityscapes_gt_dir``, a
+    gtFine split folder (``gtFine/val``), adds the official Cityscapes instance evaluation
+    (cityscapesScripts: AP, AP50, per-class AP) of the predictions, as ``metrics["cityscapes"]``;
+    the images must be Cityscapes images (``<city>_<seq>_<frame>_leftImg8bit.png``) and the
+    model's categories Cityscapes label ids (``instseg cityscapes-to-coco`` writes both)."""
+
     max_dets: int = 100
     batch_size: int = 2
+    cityscapes_gt_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_dets < 10:

@@ -454,10 +454,11 @@ def evaluate_coco(
 
 
 def format_table(metrics: dict[str, dict[str, float]]) -> str:
-    """A fixed-width text table, one row per iou type; undefined metrics (-1) print as '-'."""
+    """A fixed-width text table, one row per iou type; undefined metrics (-1) print as '-'.
+    Per-class entries (``AP_<class>``, e.g. Cityscapes') stay in the json, out of the table."""
     columns: list[str] = []
     for row in metrics.values():
-        columns.extend(k for k in row if k not in columns)
+        columns.extend(k for k in row if k not in columns and "_" not in k)
     width = max([8, *(len(c) + 2 for c in columns)])
     label = max([6, *(len(t) + 1 for t in metrics)])  # "boundary" is longer than "type"
     lines = ["type".ljust(label) + "".join(c.rjust(width) for c in columns)]
