@@ -78,6 +78,14 @@ SCHEDULE_TWINS = {
 # The LVIS v1 and Cityscapes recipes (by-epoch schedules, range scales, a COCO load_from) are
 # trained at a tiny size by tests/test_recipes_lvis_cityscapes.py.
 TRAINED_ELSEWHERE = {n for n in ZOO if n.endswith(("_lvis_v1", "_cityscapes"))}
+# R-101 configs equal to an R-50 one but for the backbone depth
+# (test_depth_twins_differ_only_in_the_depth): trained on the real images only, to keep the
+# suite inside CI's time; their R-50 twins train on both datasets.
+DEPTH_TWINS = {
+    n: n.replace("r101", "r50")
+    for n in ZOO
+    if "r101" in n and n.replace("r101", "r50") in ZOO and n not in TRAINED_ELSEWHERE
+}
 
 
 def _shapes(root: Path) -> tuple[Path, Path]:
@@ -93,9 +101,14 @@ def _coco_val6(root: Path) -> tuple[Path, Path]:
     return COCO_VAL6 / "annotations.json", COCO_VAL6 / "images"
 
 
-@pytest.mark.parametrize("dataset", [_shapes, _coco_val6], ids=["shapes", "coco-val-6"])
-@pytest.mark.parametrize("name", sorted(set(ZOO) - set(SCHEDULE_TWINS) - TRAINED_ELSEWHERE))
+TRAINED = sorted(set(ZOO) - set(SCHEDULE_TWINS) - TRAINED_ELSEWHERE)
+RUNS = [(n, d) for n in TRAINED for d in ("shapes", "coco-val-6")]
+RUNS = [(n, d) for n, d in RUNS if not (n in DEPTH_TWINS and d == "shapes")]
+
+
+@pytest.mark.parametrize(("name", "dataset"), RUNS, ids=[f"{n}-{d}" for n, d in RUNS])
 def test_zoo_config_trains_with_finite_decreasing_loss(name, dataset, tmp_path):
+    dataset = {"shapes": _shapes, "coco-val-6": _coco_val6}[dataset]
     ann, images = dataset(tmp_path / "data")
     cfg = apply_overrides(get_config(name), [*narrow(name), *COMMON, f"train.max_iters={ITERS}"])
     cfg.num_classes = None  # take the dataset's categories
@@ -121,6 +134,15 @@ def test_schedule_twins_differ_only_in_the_schedule(name, twin):
     assert cfg.train.max_iters == 2 * base.train.max_iters
     assert cfg.train.schedule.steps != base.train.schedule.steps
     cfg.train.max_iters, cfg.train.schedule.steps = base.train.max_iters, base.train.schedule.steps
+    cfg.name, cfg.description = base.name, base.description
+    assert cfg == base
+
+
+@pytest.mark.parametrize(("name", "twin"), sorted(DEPTH_TWINS.items()))
+def test_depth_twins_differ_only_in_the_depth(name, twin):
+    cfg, base = get_config(name), get_config(twin)
+    assert (cfg.model.backbone.depth, base.model.backbone.depth) == (101, 50)
+    cfg.model.backbone.depth = 50
     cfg.name, cfg.description = base.name, base.description
     assert cfg == base
 
