@@ -12,7 +12,8 @@ counts, negative and not-exhaustive lists), with polygon ground truth and noisy 
   its own environment (``--lvis-python``, default /work/lvisvenv/bin/python; the time is
   measured inside that process around the evaluation only, not the interpreter start).
 
-Each side's metrics are compared (they must agree to 1e-9) and the times printed with ratios.
+Every summary metric of both sides is compared (they must agree to 1e-9) and the times
+printed with ratios.
 Run it alone: a second job on these cores distorts the times.
 
     python benchmarks/evaluation.py [--images 5000] [--lvis-python PATH] [--skip-lvis-api]
@@ -140,8 +141,15 @@ def _only(results: list[dict], iou_type: str) -> list[dict]:
     return [{k: r[k] for k in ("image_id", "category_id", "score", key)} for r in results]
 
 
-def _pycocotools(gt_path: Path, results: list[dict], iou_type: str) -> tuple[float, float]:
-    """Seconds for loading + evaluate + accumulate + summarize, and the AP (percent)."""
+COCO_KEYS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm"]
+COCO_KEYS.append("ARl")
+
+
+def _pycocotools(
+    gt_path: Path, results: list[dict], iou_type: str
+) -> tuple[float, dict[str, float]]:
+    """Seconds for loading + evaluate + accumulate + summarize, and summarize()'s 12 numbers
+    (percent) by our names."""
     with contextlib.redirect_stdout(io.StringIO()):
         start = time.perf_counter()
         gt = COCO(str(gt_path))
@@ -150,7 +158,7 @@ def _pycocotools(gt_path: Path, results: list[dict], iou_type: str) -> tuple[flo
         E.accumulate()
         E.summarize()
         seconds = time.perf_counter() - start
-    return seconds, float(E.stats[0]) * 100
+    return seconds, {k: float(v) * 100 for k, v in zip(COCO_KEYS, E.stats, strict=True)}
 
 
 def _timed(fn: Any) -> tuple[float, Any]:
@@ -185,15 +193,19 @@ def main() -> None:
                     ours_s, ours = _timed(
                         lambda: evaluate_lvis(gt_path, results, iou_types=(iou_type,))  # noqa: B023
                     )
-                    ref_s, ref_ap = _lvis_api(args, tmp, gt_path, results, iou_type)
+                    ref_s, ref = _lvis_api(args, tmp, gt_path, results, iou_type)
                 else:
                     ours_s, ours = _timed(
                         lambda: evaluate_coco(gt_path, results, iou_types=(iou_type,))  # noqa: B023
                     )
-                    ref_s, ref_ap = _pycocotools(gt_path, results, iou_type)
+                    ref_s, ref = _pycocotools(gt_path, results, iou_type)
                 ap = ours[iou_type]["AP"]
-                if ref_ap is not None and abs(ap - ref_ap) > 1e-9:
-                    raise SystemExit(f"{name} {iou_type}: AP {ap} differs from reference {ref_ap}")
+                for key, value in (ref or {}).items():
+                    if abs(ours[iou_type][key] - value) > 1e-9:
+                        raise SystemExit(
+                            f"{name} {iou_type}: {key} {ours[iou_type][key]} differs from the "
+                            f"reference's {value}"
+                        )
                 ratio = f"{ours_s / ref_s:.3f}" if ref_s else "-"
                 rows.append((name, iou_type, ours_s, ref_s, ratio, ap))
                 print(
@@ -210,7 +222,7 @@ def main() -> None:
 
 def _lvis_api(
     args: argparse.Namespace, tmp: str, gt_path: Path, results: list[dict], iou_type: str
-) -> tuple[float | None, float | None]:
+) -> tuple[float | None, dict[str, float] | None]:
     if args.skip_lvis_api or not Path(args.lvis_python).is_file():
         print(f"  (lvis-api not run: {args.lvis_python})")
         return None, None
@@ -223,7 +235,12 @@ def _lvis_api(
         text=True,
     )
     record = json.loads(out.stdout.strip().splitlines()[-1])
-    return record["seconds"], record["metrics"]["AP"]
+    # lvis-api's names ('AR@300', 'ARs@300') as ours ('AR300', 'ARs').
+    metrics = {
+        ("AR" + k[3:] if k.startswith("AR@") else k.split("@")[0]): v
+        for k, v in record["metrics"].items()
+    }
+    return record["seconds"], metrics
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
 """Tiny LVIS-format datasets and results for the LVIS evaluation tests.
 
-Deterministic (``random.Random(seed)``) and built from the standard library and pycocotools
-only, so the same cases can be scored by the official lvis-api in an environment of its own
-(``tests/fixtures/lvis/record_official.py``) and by the code under test here.
+Deterministic (``random.Random(seed)``) and built from the standard library, numpy (zeros)
+and pycocotools only, so the same cases can be scored by the official lvis-api in an
+environment of its own (``tests/fixtures/lvis/record_official.py``) and by the code under
+test here.
 
 Each case exercises the federated rules: detections of ground-truth categories (jittered
 copies of the ground truth, some far off), of categories in an image's negative list (false
 positives), of categories the image says nothing about (dropped), of not-exhaustive
 categories (unmatched ones ignored), of a category outside the ground truth, exact score
-ties, and (``crowded=True``) images with more detections than the 300-per-image cap.
+ties, empty masks, and (``crowded=True``) images with more detections than the
+300-per-image cap.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import math
 import random
 from typing import Any
 
+import numpy as np
 import pycocotools.mask as mask_utils
 
 # Frequencies of the categories 1..NUM_CATEGORIES: rare, common and frequent ones.
@@ -38,6 +41,11 @@ def _polygon(rnd: random.Random, cx: float, cy: float, r: float) -> list[float]:
 
 def _rle(poly: list[float], h: int, w: int) -> dict[str, Any]:
     rle = mask_utils.merge(mask_utils.frPyObjects([poly], h, w))
+    return {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
+
+
+def _empty_rle(h: int, w: int) -> dict[str, Any]:
+    rle = mask_utils.encode(np.zeros((h, w, 1), dtype=np.uint8, order="F"))[0]
     return {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
 
 
@@ -116,6 +124,18 @@ def make_case(
             r = rnd.uniform(3, min(h, w) / 3)
             poly = _polygon(rnd, rnd.uniform(r, w - r), rnd.uniform(r, h - r), r)
             results.append(_result(image_id, c, poly, h, w, rnd))
+        # An empty mask (box [0, 0, 0, 0]) scored high: lvis-api leaves area-0 results out.
+        if i % 3 == 1:
+            empty = _empty_rle(h, w)
+            results.append(
+                {
+                    "image_id": image_id,
+                    "category_id": present[0],
+                    "bbox": _bbox(empty),
+                    "segmentation": empty,
+                    "score": 0.999,
+                }
+            )
     # Exact score ties across images and categories.
     for k in range(0, len(results), 9):
         results[k]["score"] = 0.5

@@ -92,14 +92,16 @@ def brute_force_lvis(
     gts_of = defaultdict(list)
     for a in gt["annotations"]:
         gts_of[a["image_id"], a["category_id"]].append(a)
-    dts_of = defaultdict(list)
-    for d in dets:
-        dts_of[d["image_id"], d["category_id"]].append(d)
-
     def det_area(d: dict[str, Any]) -> float:
         if iou_type == "bbox":
             return d["bbox"][2] * d["bbox"][3]
         return float(mask_utils.area(_det_rle(d)))
+
+    # 3. Results of area 0 take no part (nor would ground truth of area 0).
+    dets = [d for d in dets if det_area(d) > 0]
+    dts_of = defaultdict(list)
+    for d in dets:
+        dts_of[d["image_id"], d["category_id"]].append(d)
 
     def iou(d: dict[str, Any], g: dict[str, Any]) -> float:
         if iou_type == "bbox":
@@ -240,6 +242,7 @@ def test_cases_exercise_every_rule() -> None:
         per_image[r["image_id"]] += 1
     assert max(per_image.values()) > 300
     assert any(r["category_id"] == UNKNOWN_CATEGORY for r in results)
+    assert any(r["bbox"][2] * r["bbox"][3] == 0 for r in results)
     gt, results = make_case(**CASES["medium"])
     images = {img["id"]: img for img in gt["images"]}
     positives = defaultdict(set)
@@ -337,6 +340,14 @@ def test_per_image_cap_keeps_the_best_scores() -> None:
     assert evaluate_lvis(_tiny([], []), [hit, *strays], ("bbox",), max_dets=3)["bbox"]["AP"] == 0
     kept = limit_detections_per_image([hit, *strays, _det(2, 5.0, 0.1)], 3)
     assert [r["score"] for r in kept] == [0.62, 0.61, 0.6, 0.1]
+
+
+def test_area_zero_detections_take_no_part() -> None:
+    """lvis-api keeps areas strictly above 0: an empty detection is no false positive."""
+    hit, empty = _det(1, 5.0, 0.5), {**_det(1, 0.0, 0.9), "bbox": [3.0, 3.0, 0.0, 4.0]}
+    assert evaluate_lvis(_tiny([], []), [hit, empty], ("bbox",))["bbox"]["AP"] == 100.0
+    thin = {**empty, "bbox": [3.0, 3.0, 0.5, 4.0]}  # area 2 > 0: a false positive
+    assert evaluate_lvis(_tiny([], []), [hit, thin], ("bbox",))["bbox"]["AP"] == 50.0
 
 
 def test_unknown_category_is_dropped_and_empty_results_score_zero() -> None:

@@ -7,7 +7,10 @@ so its AP differs from COCO's in three rules (spec §12.1, lvis-api ``LVISEval``
   I's ``neg_category_ids`` (verified absent);
 - an unmatched detection of a category in I's ``not_exhaustive_category_ids`` is ignored;
 - at most 300 detections per image over all categories are kept (the highest-scoring ones,
-  lvis-api ``LVISResults``), and AP / AR are taken at that cap.
+  lvis-api ``LVISResults``), and AP / AR are taken at that cap;
+- detections and ground truth of area 0 (an empty mask, a box of zero width or height) are
+  left out altogether (lvis-api's ``get_ann_ids`` keeps areas strictly above 0): an empty
+  detection is not a false positive.
 
 AP is then averaged over categories as in COCO, and also over the rare / common / frequent
 groups (``frequency`` of each category: r, c, f) as APr, APc, APf.
@@ -39,6 +42,7 @@ from typing import Any
 
 import faster_coco_eval
 import numpy as np
+import pycocotools.mask as mask_utils
 
 from instseg.evaluation.coco import (
     _mean_valid,
@@ -54,6 +58,7 @@ from instseg.evaluation.coco import (
 LVIS_MAX_DETS = 300
 LVIS_IOU_TYPES = ("bbox", "segm")
 FREQUENCIES = ("r", "c", "f")
+_AREA_CHUNK = 255
 # Area ranges of lvis-api's Params, as in COCO.
 _AREA_RANGES = {
     "small": [0.0, 32.0**2],
@@ -149,6 +154,24 @@ def limit_detections_per_image(
     return kept
 
 
+def _areas(results: list[dict[str, Any]], iou_type: str) -> list[float]:
+    """Each result's area as lvis-api's ``LVISResults`` computes it: the box's ``w * h`` for
+    box results, the mask's pixel count for mask results."""
+    if iou_type == "bbox":
+        return [float(r["bbox"][2]) * float(r["bbox"][3]) for r in results]
+    rles = [
+        {"size": r["segmentation"]["size"], "counts": _as_bytes(r["segmentation"]["counts"])}
+        for r in results
+    ]
+    # pycocotools' area() overflows on 256 or more RLEs at once (pycocotools 2.0.11).
+    chunks = (rles[i : i + _AREA_CHUNK] for i in range(0, len(rles), _AREA_CHUNK))
+    return [float(a) for chunk in chunks for a in mask_utils.area(chunk)]
+
+
+def _as_bytes(counts: str | bytes) -> bytes:
+    return counts.encode("ascii") if isinstance(counts, str) else counts
+
+
 def _lvis_metrics(E: faster_coco_eval.COCOeval_faster, max_dets: int) -> dict[str, float]:
     """lvis-api's summary (``LVISEval.summarize``) read from the accumulated arrays."""
     p = E.params
@@ -220,10 +243,14 @@ def evaluate_lvis(
     known_cats = {cat["id"] for cat in dataset["categories"]}
     results = [r for r in results if r["category_id"] in known_cats]
 
-    fast_gt = fast_gt_copy(dataset)
+    # lvis-api's get_ann_ids keeps only areas strictly above 0, ground truth and results.
+    fast_gt = fast_gt_copy(
+        {**dataset, "annotations": [a for a in dataset["annotations"] if a["area"] > 0]}
+    )
     metrics: dict[str, dict[str, float]] = {}
     for iou_type in iou_types:
-        E = fast_evaluator(fast_gt, results, iou_type, lvis_style=True)
+        scored = [r for r, area in zip(results, _areas(results, iou_type), strict=True) if area > 0]
+        E = fast_evaluator(fast_gt, scored, iou_type, lvis_style=True)
         E.params.maxDets = [max_dets]
         E.params.areaRng = [[0.0, 1e5**2], *_AREA_RANGES.values()]
         E.params.areaRngLbl = ["all", *_AREA_RANGES]
