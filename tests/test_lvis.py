@@ -92,6 +92,7 @@ def brute_force_lvis(
     gts_of = defaultdict(list)
     for a in gt["annotations"]:
         gts_of[a["image_id"], a["category_id"]].append(a)
+
     def det_area(d: dict[str, Any]) -> float:
         if iou_type == "bbox":
             return d["bbox"][2] * d["bbox"][3]
