@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -340,6 +340,19 @@ def _mean_valid(values: np.ndarray) -> float:
     return float(np.mean(valid)) if valid.size else -1.0
 
 
+def ap_summary(ap: Callable[..., float]) -> dict[str, float]:
+    """The AP entries of summarize() (all IoUs, 0.5, 0.75; small, medium, large objects) from
+    ``ap(thr=None, rng="all")``, the mean precision over that IoU threshold and area range."""
+    return {
+        "AP": ap(),
+        "AP50": ap(0.5),
+        "AP75": ap(0.75),
+        "APs": ap(rng="small"),
+        "APm": ap(rng="medium"),
+        "APl": ap(rng="large"),
+    }
+
+
 def _metrics_from_eval(E: faster_coco_eval.COCOeval_faster, max_dets: int) -> dict[str, float]:
     """AP/AR as summarize() defines them, read from the accumulated arrays for any maxDets.
 
@@ -367,12 +380,7 @@ def _metrics_from_eval(E: faster_coco_eval.COCOeval_faster, max_dets: int) -> di
         return _mean_valid(s)
 
     raw = {
-        "AP": ap(),
-        "AP50": ap(0.5),
-        "AP75": ap(0.75),
-        "APs": ap(rng="small"),
-        "APm": ap(rng="medium"),
-        "APl": ap(rng="large"),
+        **ap_summary(ap),
         "AR1": ar(1),
         "AR10": ar(10),
         f"AR{max_dets}": ar(max_dets),

@@ -48,6 +48,7 @@ from instseg.evaluation.coco import (
     _mean_valid,
     _preview,
     _read_json,
+    ap_summary,
     check_result_fields,
     fast_evaluator,
     fast_gt_copy,
@@ -191,12 +192,7 @@ def _lvis_metrics(E: faster_coco_eval.COCOeval_faster, max_dets: int) -> dict[st
 
     groups = dict(zip(FREQUENCIES, E.freq_groups, strict=True))
     raw = {
-        "AP": ap(),
-        "AP50": ap(0.5),
-        "AP75": ap(0.75),
-        "APs": ap(rng="small"),
-        "APm": ap(rng="medium"),
-        "APl": ap(rng="large"),
+        **ap_summary(ap),
         "APr": ap(cats=groups["r"]),
         "APc": ap(cats=groups["c"]),
         "APf": ap(cats=groups["f"]),
