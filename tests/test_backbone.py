@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from instseg.layers import NORM_KINDS, FrozenBatchNorm2d, build_norm
+from instseg.layers.norm import SyncBatchNorm2d
 from instseg.modeling.backbone import ResNet, ResNetConfig, WeightsReport
 from instseg.modeling.neck import FPN, FPNConfig
 
@@ -79,7 +80,7 @@ def test_frozen_bn_equals_batchnorm_eval_and_loads_its_state_dict():
     [
         ("FrozenBN", FrozenBatchNorm2d),
         ("BN", nn.BatchNorm2d),
-        ("SyncBN", nn.SyncBatchNorm),
+        ("SyncBN", SyncBatchNorm2d),
         ("GN", nn.GroupNorm),
     ],
 )
@@ -361,7 +362,7 @@ def test_gn_backbone_runs():
 
 def test_syncbn_backbone_builds_and_runs_in_eval():
     model = tiny(18, norm="SyncBN")
-    assert isinstance(model.bn1, nn.SyncBatchNorm)
+    assert isinstance(model.bn1, SyncBatchNorm2d)
     assert len(bn_modules(model)) == 20
     model.eval()
     with torch.no_grad():

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from instseg.configs import apply_overrides, get_config
 from instseg.layers import ConvModule, ConvModuleConfig, GeneralizedAttention
+from instseg.layers.norm import SyncBatchNorm2d
 from instseg.modeling.features import pyramid_specs
 from instseg.modeling.roi import (
     GenericRoIExtractor,
@@ -419,7 +420,7 @@ def test_groie_table_config_builds_trains_and_predicts(name):
     assert ("backbone.layer2.0.context_block.conv_mask.weight" in keys) == gcnet
     assert "backbone.layer1.0.context_block.conv_mask.weight" not in keys
     if gcnet:
-        assert isinstance(model.backbone.bn1, torch.nn.SyncBatchNorm)
+        assert isinstance(model.backbone.bn1, SyncBatchNorm2d)
 
     images, targets = toy_batch()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from instseg.layers.context_block import ContextBlock
 from instseg.layers.non_local import NonLocal2d, NonLocalConfig
+from instseg.layers.norm import SyncBatchNorm2d
 from instseg.modeling.backbone import ResNet, ResNetConfig
 
 MODES = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
@@ -559,12 +560,12 @@ def test_syncbn_backbone_with_context_blocks_trains_like_bn_on_cpu():
     }
     bn = narrow(50, norm="BN", **kwargs).double()
     sync = narrow(50, norm="SyncBN", **kwargs).double()
-    assert sum(isinstance(m, nn.SyncBatchNorm) for m in sync.modules()) == 53
+    assert sum(isinstance(m, SyncBatchNorm2d) for m in sync.modules()) == 53
     randomise_(bn, seed=21, scale=0.1)
     sync.load_state_dict(bn.state_dict())  # strict: SyncBN keeps BatchNorm's keys
     bn.train()
     sync.train()
-    assert all(m.training for m in sync.modules() if isinstance(m, nn.SyncBatchNorm))
+    assert all(m.training for m in sync.modules() if isinstance(m, SyncBatchNorm2d))
 
     gen = torch.Generator().manual_seed(22)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=gen)

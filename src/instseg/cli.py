@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from .configs import (
 )
 from .data import DataError
 from .engine import CheckpointError
+from .errors import DistributedError
 
 
 def names_config(arg: str) -> bool:
@@ -428,11 +430,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _join_launch(args: argparse.Namespace) -> bool:
+    """Under torchrun / srun with several processes, join their process group; True then.
+
+    Only ``eval`` runs data-parallel so far (images sharded, scored on rank 0); any other
+    command in such a launch would run once per process over the same files, so it is an
+    error instead.
+    """
+    if not any(k in os.environ for k in ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS")):
+        return False  # the common case, without importing torch.distributed
+    from .engine.distributed import DistributedError, environment, init_process_group
+
+    env = environment()
+    if env is None:
+        return False
+    if args.command != "eval":
+        raise DistributedError(
+            f"`instseg {args.command}` does not run under a multi-process launch yet "
+            f"({env.launcher}, {env.world_size} processes): start it as one process; "
+            "`instseg eval` is the distributed command so far"
+        )
+    init_process_group(env, args.device)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        return args.func(args)
+        joined = _join_launch(args)
+        try:
+            return args.func(args)
+        finally:
+            if joined:
+                from .engine.distributed import leave_process_group
+
+                leave_process_group()
     except (
+        DistributedError,
         ConfigError,
         DataError,
         CheckpointError,

@@ -20,6 +20,7 @@ from .data import Category, CocoDataset, DetectionTransform, TransformConfig, re
 from .data.coco import DataError
 from .data.loader import pad_images
 from .engine import load_weights_only, train
+from .engine.distributed import is_main_process
 from .engine.inference import evaluate_model
 from .evaluation import format_table, instances_to_coco_results, write_json, write_results
 from .modeling.detectors import Detector
@@ -238,9 +239,10 @@ def run_eval(
         cityscapes_gt_dir=trained.cfg.eval.cityscapes_gt_dir,
         cityscapes_pred_dir=cityscapes_out,
     )
-    print(format_table(metrics))
-    if out is not None:
-        write_json(out, metrics)
+    if is_main_process():  # under torchrun every rank holds the metrics; one reports them
+        print(format_table(metrics))
+        if out is not None:
+            write_json(out, metrics)
     return metrics
 
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..data.coco import CocoDataset
-from ..data.loader import build_loader
+from ..data.loader import GroupedBatchSampler, make_loader
 from ..evaluation import instances_to_coco_results, write_results
 from ..evaluation.cityscapes import (
     cityscapes_basename,
@@ -19,6 +20,16 @@ from ..evaluation.cityscapes import (
 )
 from ..evaluation.score import evaluate_results
 from ..structures import ImageInfo, Instances
+from .distributed import barrier, broadcast_from_main, gather_to_main, rank_and_world
+
+
+def eval_batches(dataset: CocoDataset, batch_size: int) -> list[list[tuple[int, int]]]:
+    """The test-time batches of ``dataset``: images grouped by orientation, in a fixed order
+    (``(index, seed)`` pairs, as the training sampler yields them)."""
+    sampler = GroupedBatchSampler(
+        [r.aspect_ratio for r in dataset.records], batch_size, shuffle=False
+    )
+    return sampler.batches(0)
 
 
 @torch.no_grad()
@@ -29,16 +40,21 @@ def predict_dataset(
     device: torch.device | str = "cpu",
     num_workers: int = 0,
     size_divisor: int = 32,
+    batches: Sequence[int] | None = None,
 ) -> Iterator[tuple[ImageInfo, Instances]]:
     """Yield ``(info, detections)`` per image, detections on the CPU in original coordinates.
 
-    Images are batched by orientation to keep padding small; the model runs in eval mode.
+    Images are batched by orientation to keep padding small (:func:`eval_batches`);
+    ``batches`` selects some of those batches by position (a rank's share), so an image is
+    always predicted in the same padded batch, whoever predicts it. The model runs in eval
+    mode.
     """
     was_training = model.training
     model.eval()
-    loader = build_loader(
-        dataset, batch_size, train=False, num_workers=num_workers, size_divisor=size_divisor
-    )
+    chosen = eval_batches(dataset, batch_size)
+    if batches is not None:
+        chosen = [chosen[i] for i in batches]
+    loader = make_loader(dataset, chosen, size_divisor=size_divisor, num_workers=num_workers)
     try:
         for images, _, infos in loader:
             for info, result in zip(infos, model.predict(images.to(device), infos), strict=True):
@@ -69,14 +85,27 @@ def evaluate_model(
     Cityscapes instance evaluation of the predicted masks, exported image by image as the
     script reads them into ``cityscapes_pred_dir`` (default: a temporary folder); the
     dataset's category ids must be Cityscapes label ids.
+
+    In a process group of several ranks, rank r predicts batches r, r + world, ... of
+    :func:`eval_batches`; rank 0 gathers the results in single-process order, writes the
+    results json and scores them, and every rank returns rank 0's metrics: the same as one
+    process. The Cityscapes prediction folder must then be one all ranks see (rank 0's
+    temporary folder on one node; pass one on a shared file system across nodes).
     """
+    rank, world = rank_and_world()
     if cityscapes_gt_dir is not None and not Path(cityscapes_gt_dir).is_dir():
         raise FileNotFoundError(
             f"Cityscapes gtFine folder not found: {cityscapes_gt_dir} (eval.cityscapes_gt_dir)"
         )
     if cityscapes_gt_dir is not None and cityscapes_pred_dir is None:
-        with tempfile.TemporaryDirectory(prefix="instseg_cityscapes_pred_") as tmp:
-            return evaluate_model(
+        with contextlib.ExitStack() as stack:
+            tmp = None
+            if rank == 0:
+                tmp = stack.enter_context(
+                    tempfile.TemporaryDirectory(prefix="instseg_cityscapes_pred_")
+                )
+            tmp = broadcast_from_main(tmp)
+            metrics = evaluate_model(
                 model,
                 dataset,
                 batch_size,
@@ -87,12 +116,21 @@ def evaluate_model(
                 cityscapes_gt_dir,
                 tmp,
             )
+            barrier()  # no rank still reads the folder rank 0 removes
+            return metrics
     category_ids = [c.id for c in dataset.categories]
-    results: list[dict] = []
+    all_batches = eval_batches(dataset, batch_size)
+    mine = list(range(rank, len(all_batches), world))
+    batch_of = {dataset.records[i].image_id: k for k in mine for i, _ in all_batches[k]}
+    per_batch: dict[int, list[dict]] = {k: [] for k in mine}
     with_masks = False
-    for info, detections in predict_dataset(model, dataset, batch_size, device, num_workers):
+    for info, detections in predict_dataset(
+        model, dataset, batch_size, device, num_workers, batches=mine
+    ):
         with_masks = with_masks or detections.masks is not None
-        results += instances_to_coco_results(detections, info.image_id, category_ids)
+        per_batch[batch_of[info.image_id]] += instances_to_coco_results(
+            detections, info.image_id, category_ids
+        )
         if cityscapes_pred_dir is not None:
             write_cityscapes_predictions(
                 cityscapes_pred_dir,
@@ -100,15 +138,22 @@ def evaluate_model(
                 detections,
                 label_ids=category_ids,
             )
-    if results_path is not None:
-        write_results(results_path, results)
-    metrics = evaluate_results(
-        dataset.ann_file,
-        results,
-        masks=with_masks and dataset.with_masks,
-        max_dets=max_dets,
-        image_ids=[r.image_id for r in dataset.records],
-    )
-    if cityscapes_gt_dir is not None:
+    gathered = gather_to_main((per_batch, with_masks))
+    metrics = None
+    if gathered is not None:
+        merged = {k: v for part, _ in gathered for k, v in part.items()}
+        results = [r for k in sorted(merged) for r in merged[k]]
+        with_masks = any(masks for _, masks in gathered)
+        if results_path is not None:
+            write_results(results_path, results)
+        metrics = evaluate_results(
+            dataset.ann_file,
+            results,
+            masks=with_masks and dataset.with_masks,
+            max_dets=max_dets,
+            image_ids=[r.image_id for r in dataset.records],
+        )
+    barrier()  # every rank's Cityscapes files are written
+    if metrics is not None and cityscapes_gt_dir is not None:
         metrics["cityscapes"] = evaluate_cityscapes(cityscapes_pred_dir, cityscapes_gt_dir)
-    return metrics
+    return broadcast_from_main(metrics)

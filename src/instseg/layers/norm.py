@@ -67,10 +67,62 @@ class FrozenBatchNorm2d(nn.Module):
         return f"{self.num_features}, eps={self.eps}"
 
 
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose training statistics are those of the whole global batch: every rank of
+    the default process group contributes its images (mmdet's / detectron2's ``SyncBN``).
+
+    Outside a multi-process group (one process, eval mode, frozen statistics) it is exactly
+    ``nn.BatchNorm2d``. Inside one, the per-channel mean and then the variance around it are
+    summed over ranks with ``torch.distributed.nn.functional.all_reduce``, whose backward
+    all-reduces the gradient too, so forward and backward equal BatchNorm over the
+    concatenated batch. Unlike ``nn.SyncBatchNorm`` this runs on CPU (gloo) as on GPU; its
+    state-dict keys are BatchNorm's, so checkpoints move between the two.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and _distributed_world() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        self._check_input_dim(x)
+        dims = [0, *range(2, x.dim())]
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        count = x.new_tensor([x.numel() / x.shape[1]])
+        # One reduction for the sums and the count, a second for the squared deviations around
+        # the global mean (two passes: no cancellation in E[x^2] - E[x]^2).
+        totals = all_reduce(torch.cat([x.sum(dims), count]))
+        n = totals[-1]
+        mean = totals[:-1] / n
+        centred = x - mean.view(shape)
+        var = all_reduce(centred.pow(2).sum(dims)) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = (
+                    self.momentum
+                    if self.momentum is not None
+                    else 1.0 / float(self.num_batches_tracked)
+                )
+                unbiased = var * (n / (n - 1).clamp(min=1))
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(unbiased.detach(), alpha=m)
+        y = centred * (var + self.eps).rsqrt().view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def _distributed_world() -> int:
+    """The size of the default process group, 1 without one."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def build_norm(kind: str, channels: int, num_groups: int = 32) -> nn.Module:
     """Make the norm layer named ``kind`` (one of ``NORM_KINDS``) for ``channels`` channels.
 
-    ``"BN"`` and ``"SyncBN"`` use PyTorch defaults (eps 1e-5, momentum 0.1); ``"GN"`` is
+    ``"BN"`` and ``"SyncBN"`` (:class:`SyncBatchNorm2d`) use PyTorch defaults (eps 1e-5,
+    momentum 0.1); ``"GN"`` is
     ``nn.GroupNorm(num_groups, channels)``, which needs ``channels % num_groups == 0``.
     """
     if channels <= 0:
@@ -80,7 +132,7 @@ def build_norm(kind: str, channels: int, num_groups: int = 32) -> nn.Module:
     if kind == "BN":
         return nn.BatchNorm2d(channels)
     if kind == "SyncBN":
-        return nn.SyncBatchNorm(channels)
+        return SyncBatchNorm2d(channels)
     if kind == "GN":
         if num_groups <= 0 or channels % num_groups != 0:
             raise ValueError(
