@@ -54,6 +54,13 @@ def _int(environ: Mapping[str, str], key: str) -> int:
         ) from exc
 
 
+# Per launcher: the variables of the rank, the world size and the rank on its node.
+_LAUNCH_VARIABLES = {
+    "torchrun": ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
+    "slurm": ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"),
+}
+
+
 def environment(environ: Mapping[str, str] | None = None) -> DistEnv | None:
     """The launch this process belongs to, or None for a plain single-process run.
 
@@ -65,29 +72,20 @@ def environment(environ: Mapping[str, str] | None = None) -> DistEnv | None:
     of several tasks stays a single-process run. A world of one is a single-process run.
     """
     environ = os.environ if environ is None else environ
-    if "WORLD_SIZE" in environ and "RANK" in environ:
-        env = DistEnv(
-            _int(environ, "RANK"),
-            _int(environ, "WORLD_SIZE"),
-            _int(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else 0,
-            "torchrun",
-        )
-    elif "SLURM_PROCID" in environ and "SLURM_STEP_NUM_TASKS" in environ:
-        env = DistEnv(
-            _int(environ, "SLURM_PROCID"),
-            _int(environ, "SLURM_STEP_NUM_TASKS"),
-            _int(environ, "SLURM_LOCALID") if "SLURM_LOCALID" in environ else 0,
-            "slurm",
-        )
-        if env.world_size > 1:
-            missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in environ]
-            if missing:
-                raise DistributedError(
-                    f"SLURM launch of {env.world_size} tasks without {' and '.join(missing)}: "
-                    "export the rendezvous address in the sbatch script"
-                )
+    for launcher, (rank_key, world_key, local_key) in _LAUNCH_VARIABLES.items():
+        if rank_key in environ and world_key in environ:
+            local = _int(environ, local_key) if local_key in environ else 0
+            env = DistEnv(_int(environ, rank_key), _int(environ, world_key), local, launcher)
+            break
     else:
         return None
+    if launcher == "slurm" and env.world_size > 1:
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in environ]
+        if missing:
+            raise DistributedError(
+                f"SLURM launch of {env.world_size} tasks without {' and '.join(missing)}: "
+                "export the rendezvous address in the sbatch script"
+            )
     if not 0 <= env.rank < env.world_size:
         raise DistributedError(f"rank {env.rank} is outside a world of {env.world_size}")
     return env if env.world_size > 1 else None
