@@ -1,12 +1,43 @@
-"""Reading the mmdetection reference fixtures (``fixtures/*_mmdet``): run-length-encoded
-masks and the image metas of their two-image batch."""
+"""Reading the mmdetection reference fixtures (``fixtures/*_mmdet``): the weights, inputs
+and outputs of a fixture, run-length-encoded masks and the image metas of their two-image
+batch."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
+from safetensors.torch import load_file
+from torch import nn
 
 from instseg.structures import ImageBatch, ImageInfo
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def load_mmdet_fixture(
+    name: str, model: nn.Module, inputs_from: str | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
+    """Load ``fixtures/<name>_mmdet/<name>_state.safetensors`` into ``model`` key for key
+    (strict, and the key sets must be equal) and return ``(inputs, io, meta)``: the padded
+    two-image batch (from ``fixtures/<inputs_from>/inputs.safetensors``, default the
+    fixture's own folder), what mmdet computed and the image metas. Skips the test when the
+    fixture is absent."""
+    folder = FIXTURES / f"{name}_mmdet"
+    state_path = folder / f"{name}_state.safetensors"
+    if not state_path.is_file():
+        pytest.skip(f"mmdet {name} fixture absent")
+    state = load_file(state_path)
+    assert set(model.state_dict()) == set(state), set(model.state_dict()) ^ set(state)
+    model.load_state_dict(state, strict=True)
+    inputs_folder = FIXTURES / inputs_from if inputs_from else folder
+    inputs = load_file(inputs_folder / "inputs.safetensors")["inputs_x32"].float() / 32
+    io = load_file(folder / f"{name}_io.safetensors")
+    meta = json.loads((folder / f"{name}_meta.json").read_text())
+    return inputs, io, meta
 
 
 def rle_decode(counts: torch.Tensor, lens: torch.Tensor, h: int, w: int) -> torch.Tensor:

@@ -11,12 +11,8 @@ and raw outputs, detections with masks, and the sampled RoIs and losses of a tra
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from instseg.modeling.backbone import ResNetConfig
 from instseg.modeling.dense_heads import RPNConfig
@@ -24,9 +20,8 @@ from instseg.modeling.detectors import TwoStageConfig
 from instseg.modeling.neck import FPNConfig
 from instseg.modeling.roi import BoxHeadConfig, CascadeRoIHeadConfig, SampledRoIs
 from instseg.structures import InstanceTargets
-from mmdet_fixtures import assert_detections_equal, mmdet_batch, rle_decode
+from mmdet_fixtures import assert_detections_equal, load_mmdet_fixture, mmdet_batch, rle_decode
 
-FIXTURES = Path(__file__).parent / "fixtures" / "cascade_mmdet"
 NUM_CLASSES = 5
 
 
@@ -43,16 +38,9 @@ def _config() -> TwoStageConfig:
 
 @pytest.fixture(scope="module")
 def fixture():
-    if not (FIXTURES / "cascade_state.safetensors").is_file():
-        pytest.skip("mmdet Cascade fixture absent")
-    state = load_file(FIXTURES / "cascade_state.safetensors")
-    inputs = load_file(FIXTURES / "inputs.safetensors")["inputs_x32"].float() / 32
-    io = load_file(FIXTURES / "cascade_io.safetensors")
-    meta = json.loads((FIXTURES / "cascade_meta.json").read_text())
     torch.manual_seed(0)
     model = _config().build(NUM_CLASSES)
-    assert set(model.state_dict()) == set(state), set(model.state_dict()) ^ set(state)
-    model.load_state_dict(state, strict=True)
+    inputs, io, meta = load_mmdet_fixture("cascade", model)
     return model, inputs, io, meta
 
 

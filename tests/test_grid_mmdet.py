@@ -12,12 +12,8 @@ refinement, heatmaps, and the jittered RoIs, targets and losses of a training st
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from instseg.modeling.backbone import ResNetConfig
 from instseg.modeling.dense_heads import RPNConfig
@@ -25,9 +21,8 @@ from instseg.modeling.detectors import TwoStageConfig
 from instseg.modeling.neck import FPNConfig
 from instseg.modeling.roi import BoxHeadConfig, GridHeadConfig, GridRoIHeadConfig, SampledRoIs
 from instseg.structures import InstanceTargets
-from mmdet_fixtures import assert_detections_equal, mmdet_batch
+from mmdet_fixtures import assert_detections_equal, load_mmdet_fixture, mmdet_batch
 
-FIXTURES = Path(__file__).parent / "fixtures"
 NUM_CLASSES = 5
 
 
@@ -45,18 +40,10 @@ def _config() -> TwoStageConfig:
 
 @pytest.fixture(scope="module")
 def fixture():
-    folder = FIXTURES / "grid_mmdet"
-    if not (folder / "grid_state.safetensors").is_file():
-        pytest.skip("mmdet Grid R-CNN fixture absent")
-    state = load_file(folder / "grid_state.safetensors")
-    inputs = load_file(FIXTURES / "cascade_mmdet" / "inputs.safetensors")["inputs_x32"] / 32
-    io = load_file(folder / "grid_io.safetensors")
-    meta = json.loads((folder / "grid_meta.json").read_text())
     torch.manual_seed(0)
     model = _config().build(NUM_CLASSES)
-    assert set(model.state_dict()) == set(state), set(model.state_dict()) ^ set(state)
-    model.load_state_dict(state, strict=True)
-    return model, inputs.float(), io, meta
+    inputs, io, meta = load_mmdet_fixture("grid", model, inputs_from="cascade_mmdet")
+    return model, inputs, io, meta
 
 
 def test_box_stage_heatmaps_and_refined_boxes_equal_mmdets(fixture):
