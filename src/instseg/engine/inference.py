@@ -40,21 +40,19 @@ def predict_dataset(
     device: torch.device | str = "cpu",
     num_workers: int = 0,
     size_divisor: int = 32,
-    batches: Sequence[int] | None = None,
+    batches: Sequence[list[tuple[int, int]]] | None = None,
 ) -> Iterator[tuple[ImageInfo, Instances]]:
     """Yield ``(info, detections)`` per image, detections on the CPU in original coordinates.
 
-    Images are batched by orientation to keep padding small (:func:`eval_batches`);
-    ``batches`` selects some of those batches by position (a rank's share), so an image is
-    always predicted in the same padded batch, whoever predicts it. The model runs in eval
-    mode.
+    Images are batched by orientation to keep padding small: ``batches`` (default: all of
+    :func:`eval_batches`) are some of those batches (a rank's share), so an image is always
+    predicted in the same padded batch, whoever predicts it. The model runs in eval mode.
     """
     was_training = model.training
     model.eval()
-    chosen = eval_batches(dataset, batch_size)
-    if batches is not None:
-        chosen = [chosen[i] for i in batches]
-    loader = make_loader(dataset, chosen, size_divisor=size_divisor, num_workers=num_workers)
+    if batches is None:
+        batches = eval_batches(dataset, batch_size)
+    loader = make_loader(dataset, batches, size_divisor=size_divisor, num_workers=num_workers)
     try:
         for images, _, infos in loader:
             for info, result in zip(infos, model.predict(images.to(device), infos), strict=True):
@@ -97,63 +95,50 @@ def evaluate_model(
         raise FileNotFoundError(
             f"Cityscapes gtFine folder not found: {cityscapes_gt_dir} (eval.cityscapes_gt_dir)"
         )
-    if cityscapes_gt_dir is not None and cityscapes_pred_dir is None:
-        with contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:
+        if cityscapes_gt_dir is not None and cityscapes_pred_dir is None:
             tmp = None
             if rank == 0:
-                tmp = stack.enter_context(
-                    tempfile.TemporaryDirectory(prefix="instseg_cityscapes_pred_")
+                prefix = "instseg_cityscapes_pred_"
+                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix))
+            cityscapes_pred_dir = broadcast_from_main(tmp)
+        category_ids = [c.id for c in dataset.categories]
+        all_batches = eval_batches(dataset, batch_size)
+        mine = list(range(rank, len(all_batches), world))
+        batch_of = {dataset.records[i].image_id: k for k in mine for i, _ in all_batches[k]}
+        per_batch: dict[int, list[dict]] = {k: [] for k in mine}
+        with_masks = False
+        for info, detections in predict_dataset(
+            model, dataset, batch_size, device, num_workers, batches=[all_batches[k] for k in mine]
+        ):
+            with_masks = with_masks or detections.masks is not None
+            per_batch[batch_of[info.image_id]] += instances_to_coco_results(
+                detections, info.image_id, category_ids
+            )
+            if cityscapes_pred_dir is not None:
+                write_cityscapes_predictions(
+                    cityscapes_pred_dir,
+                    cityscapes_basename(info.file_name),
+                    detections,
+                    label_ids=category_ids,
                 )
-            tmp = broadcast_from_main(tmp)
-            metrics = evaluate_model(
-                model,
-                dataset,
-                batch_size,
-                device,
-                max_dets,
-                results_path,
-                num_workers,
-                cityscapes_gt_dir,
-                tmp,
+        gathered = gather_to_main((per_batch, with_masks))
+        metrics = None
+        if gathered is not None:
+            merged = {k: v for part, _ in gathered for k, v in part.items()}
+            results = [r for k in sorted(merged) for r in merged[k]]
+            with_masks = any(masks for _, masks in gathered)
+            if results_path is not None:
+                write_results(results_path, results)
+            metrics = evaluate_results(
+                dataset.ann_file,
+                results,
+                masks=with_masks and dataset.with_masks,
+                max_dets=max_dets,
+                image_ids=[r.image_id for r in dataset.records],
             )
-            barrier()  # no rank still reads the folder rank 0 removes
-            return metrics
-    category_ids = [c.id for c in dataset.categories]
-    all_batches = eval_batches(dataset, batch_size)
-    mine = list(range(rank, len(all_batches), world))
-    batch_of = {dataset.records[i].image_id: k for k in mine for i, _ in all_batches[k]}
-    per_batch: dict[int, list[dict]] = {k: [] for k in mine}
-    with_masks = False
-    for info, detections in predict_dataset(
-        model, dataset, batch_size, device, num_workers, batches=mine
-    ):
-        with_masks = with_masks or detections.masks is not None
-        per_batch[batch_of[info.image_id]] += instances_to_coco_results(
-            detections, info.image_id, category_ids
-        )
-        if cityscapes_pred_dir is not None:
-            write_cityscapes_predictions(
-                cityscapes_pred_dir,
-                cityscapes_basename(info.file_name),
-                detections,
-                label_ids=category_ids,
-            )
-    gathered = gather_to_main((per_batch, with_masks))
-    metrics = None
-    if gathered is not None:
-        merged = {k: v for part, _ in gathered for k, v in part.items()}
-        results = [r for k in sorted(merged) for r in merged[k]]
-        with_masks = any(masks for _, masks in gathered)
-        if results_path is not None:
-            write_results(results_path, results)
-        metrics = evaluate_results(
-            dataset.ann_file,
-            results,
-            masks=with_masks and dataset.with_masks,
-            max_dets=max_dets,
-            image_ids=[r.image_id for r in dataset.records],
-        )
-    barrier()  # every rank's Cityscapes files are written
-    if metrics is not None and cityscapes_gt_dir is not None:
-        metrics["cityscapes"] = evaluate_cityscapes(cityscapes_pred_dir, cityscapes_gt_dir)
-    return broadcast_from_main(metrics)
+        if cityscapes_gt_dir is not None:
+            barrier()  # every rank's Cityscapes files are written
+            if metrics is not None:
+                metrics["cityscapes"] = evaluate_cityscapes(cityscapes_pred_dir, cityscapes_gt_dir)
+        return broadcast_from_main(metrics)
