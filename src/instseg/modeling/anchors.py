@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..ops import box_iou
+from .global_batch import permutation
 
 
 class AnchorGenerator:
@@ -123,13 +124,16 @@ def assign(
     return assigned
 
 
-def sample(assigned: Tensor, num: int, pos_fraction: float) -> tuple[Tensor, Tensor]:
+def sample(
+    assigned: Tensor, num: int, pos_fraction: float, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
     """Random positive and negative indices: up to ``num * pos_fraction`` positives, negatives
-    filling the rest (global torch RNG, so checkpoints can restore it)."""
+    filling the rest. ``generator`` (a CPU generator: the image's own stream) draws them;
+    None draws from the global torch RNG on the indices' device."""
     pos = torch.nonzero(assigned > 0).flatten()
     neg = torch.nonzero(assigned == 0).flatten()
     num_pos = min(int(num * pos_fraction), pos.numel())
-    pos = pos[torch.randperm(pos.numel(), device=pos.device)[:num_pos]]
+    pos = pos[permutation(pos.numel(), generator, pos.device)[:num_pos]]
     num_neg = min(num - num_pos, neg.numel())
-    neg = neg[torch.randperm(neg.numel(), device=neg.device)[:num_neg]]
+    neg = neg[permutation(neg.numel(), generator, neg.device)[:num_neg]]
     return pos, neg

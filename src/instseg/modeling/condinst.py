@@ -29,6 +29,7 @@ from ..layers import ConvModule
 from ..structures import InstanceTargets
 from .dense_heads.fcos import Detections, Positives, level_points
 from .features import Features, FeatureSpec, common_width, select_specs
+from .global_batch import empty_loss, normaliser, permutation, syncing
 from .losses import dice_loss
 
 
@@ -241,13 +242,17 @@ class CondInstMaskHead(nn.Module):
             if len(target) == 0 or len(keep) == 0:
                 continue
             if cfg.max_masks_to_train != -1 and len(keep) > cfg.max_masks_to_train:
-                keep = torch.randperm(len(keep), device=keep.device)[: cfg.max_masks_to_train]
+                draw = permutation(len(keep), target.generator("condinst.masks"), keep.device)
+                keep = draw[: cfg.max_masks_to_train]
             chosen.append((pos, keep))
             image_index.append(torch.full_like(keep, i))
             sampled = target.masks[:, start :: cfg.mask_out_stride, start :: cfg.mask_out_stride]
             gt_masks.append(sampled[pos.gt_index[keep]])
         if not chosen:
-            return {"loss_mask": mask_feats.sum() * 0}
+            zero = mask_feats.sum()
+            if syncing():  # DDP reduces the controller's gradient on every rank
+                zero = zero + sum(p.params.sum() for p in positives if p.params is not None)
+            return {"loss_mask": empty_loss(zero)}
         params = torch.cat([pos.params[keep] for pos, keep in chosen])
         points = torch.cat([pos.points[keep] for pos, keep in chosen])
         strides = torch.cat([pos.strides[keep] for pos, keep in chosen])
@@ -255,7 +260,7 @@ class CondInstMaskHead(nn.Module):
         gt = torch.cat(gt_masks)
         gt = gt[:, : logits.shape[1], : logits.shape[2]]
         losses = dice_loss(logits, gt)
-        return {"loss_mask": cfg.loss_weight * losses.sum() / max(len(losses), 1)}
+        return {"loss_mask": cfg.loss_weight * losses.sum() / normaliser(len(losses), minimum=1)}
 
     @torch.no_grad()
     def predict(

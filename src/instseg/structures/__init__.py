@@ -8,6 +8,7 @@ in training where the run stands (for losses or solvers that change over the sch
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -54,13 +55,16 @@ class InstanceTargets:
 
     ``labels`` are contiguous class indices ``0..num_classes-1``; ``masks`` is ``(N, h, w)``
     bool at the image size (not padded) or None for box-only data; ``ignore_boxes`` are the
-    crowd regions (``iscrowd: 1``), never training targets.
+    crowd regions (``iscrowd: 1``), never training targets. ``seed`` (set by the trainer,
+    the image's sample seed) seeds the random choices a model makes for this image
+    (:meth:`generator`), so they do not depend on which process holds the image.
     """
 
     boxes: Tensor
     labels: Tensor
     masks: Tensor | None = None
     ignore_boxes: Tensor = field(default_factory=lambda: torch.zeros(0, 4))
+    seed: int | None = None
 
     def __len__(self) -> int:
         return self.boxes.shape[0]
@@ -71,7 +75,14 @@ class InstanceTargets:
             self.labels.to(device),
             None if self.masks is None else self.masks.to(device),
             self.ignore_boxes.to(device),
+            self.seed,
         )
+
+    def generator(self, purpose: str) -> torch.Generator | None:
+        """A CPU generator for one random choice on this image, seeded from ``seed`` and
+        ``purpose`` (distinct choices draw distinct streams); None without a seed (the
+        caller then draws from the global RNG)."""
+        return None if self.seed is None else seeded_generator(self.seed, purpose)
 
 
 @dataclass
@@ -112,10 +123,30 @@ class TrainingContext:
 
     ``iteration`` is the number of iterations completed before this step (0 on the first,
     the value the learning-rate schedule sees); ``max_iters`` is the length of the run.
+    ``batch_seed`` (every process of a data-parallel run has the same) seeds the random
+    choices made over the whole batch (:meth:`generator`).
     """
 
     iteration: int
     max_iters: int
+    batch_seed: int | None = None
+
+    def generator(self, purpose: str) -> torch.Generator | None:
+        """A CPU generator for one random choice over the batch (None without a seed)."""
+        return None if self.batch_seed is None else seeded_generator(self.batch_seed, purpose)
 
 
-__all__ = ["ImageBatch", "ImageInfo", "InstanceTargets", "Instances", "TrainingContext"]
+def seeded_generator(seed: int, purpose: str) -> torch.Generator:
+    """A CPU generator seeded from ``seed`` and the name of what it draws for."""
+    mixed = (int(seed) * 0x9E3779B97F4A7C15 + zlib.crc32(purpose.encode())) % 2**63
+    return torch.Generator().manual_seed(mixed)
+
+
+__all__ = [
+    "ImageBatch",
+    "ImageInfo",
+    "InstanceTargets",
+    "Instances",
+    "TrainingContext",
+    "seeded_generator",
+]

@@ -32,6 +32,7 @@ from ...layers import ConvModule
 from ...ops import batched_nms, clip_boxes_to_image
 from ...structures import InstanceTargets
 from ..features import Features, FeatureSpec, common_width, select_specs
+from ..global_batch import normaliser
 from ..losses import average, giou_loss, sigmoid_focal_loss
 
 INF = 1e8
@@ -385,7 +386,7 @@ class FCOSHead(nn.Module):
                 )
             )
         labels_t = torch.cat(labels)
-        num_pos = max(float(sum(len(p.index) for p in positives)), 1.0)
+        num_pos = normaliser(float(sum(len(p.index) for p in positives)), minimum=1.0)
         loss_cls = average(
             sigmoid_focal_loss(
                 cls.reshape(-1, self.num_classes), labels_t, cfg.focal_alpha, cfg.focal_gamma
@@ -395,11 +396,12 @@ class FCOSHead(nn.Module):
         pred, tgt = torch.cat(pos_bbox), torch.cat(pos_targets)
         pos_ctr_t, pts = torch.cat(pos_ctr), torch.cat(pos_points)
         ctr_targets = centerness_target(tgt)
+        # Computed on every rank, whatever its positives: the reduction is collective.
+        ctr_denom = normaliser(float(ctr_targets.sum().detach()), minimum=1e-6)
         if pred.shape[0] > 0:
             giou = giou_loss(distance_to_box(pts, pred), distance_to_box(pts, tgt))
             if bool((ctr_targets > 0).any()):
-                denom = max(float(ctr_targets.sum().detach()), 1e-6)
-                loss_bbox = average(giou * ctr_targets, denom)
+                loss_bbox = average(giou * ctr_targets, ctr_denom)
             else:
                 loss_bbox = (pred * ctr_targets[:, None]).sum()
             loss_ctr = average(

@@ -21,6 +21,7 @@ from ...ops import batched_nms, clip_boxes_to_image, decode_deltas, encode_delta
 from ...structures import InstanceTargets
 from ..anchors import AnchorGenerator, AssignerConfig, assign, sample
 from ..features import Features, FeatureSpec, common_width
+from ..global_batch import normaliser
 from ..losses import smooth_l1
 
 
@@ -138,7 +139,9 @@ class RPNHead(nn.Module):
             assigned[valid] = assign(
                 anchors[valid], target.boxes, self.cfg.assigner, target.ignore_boxes
             )
-            pos, neg = sample(assigned, self.cfg.num_samples, self.cfg.pos_fraction)
+            pos, neg = sample(
+                assigned, self.cfg.num_samples, self.cfg.pos_fraction, target.generator("rpn")
+            )
             chosen = torch.cat([pos, neg])
             labels = torch.cat([torch.ones_like(pos), torch.zeros_like(neg)]).float()
             cls_losses.append(
@@ -152,7 +155,7 @@ class RPNHead(nn.Module):
             num_samples += chosen.numel()
         if self.cfg.loss_normalizer == "per_image":
             num_samples = self.cfg.num_samples * len(targets)
-        avg = max(num_samples, 1)
+        avg = normaliser(num_samples, minimum=1)
         return {
             "loss_rpn_cls": self.cfg.loss_cls_weight * torch.stack(cls_losses).sum() / avg,
             "loss_rpn_bbox": self.cfg.loss_bbox_weight * torch.stack(reg_losses).sum() / avg,

@@ -182,7 +182,12 @@ class CascadeRoIHead(nn.Module):
         for t in range(cfg.num_stages):
             if t == 0 or cfg.later_stages == "resample":
                 sampled = sample_rois(
-                    boxes, targets, cfg.stage_assigner(t), cfg.sampler, self.num_classes
+                    boxes,
+                    targets,
+                    cfg.stage_assigner(t),
+                    cfg.sampler,
+                    self.num_classes,
+                    purpose=f"rcnn.stage{t}",
                 )
             else:
                 sampled = label_rois(boxes, targets, cfg.stage_assigner(t), self.num_classes)

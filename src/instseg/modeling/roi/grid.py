@@ -37,6 +37,7 @@ from ...ops import clip_boxes_to_image
 from ...structures import ImageInfo, Instances, InstanceTargets, TrainingContext
 from ..anchors import AssignerConfig, SamplerConfig
 from ..features import Features, FeatureSpec
+from ..global_batch import binary_cross_entropy, random_subset, syncing
 from .extractor import RoIExtractorChoice, RoIExtractorConfig, build_roi_extractor
 from .heads import BoxHeadConfig, Shared2FCBoxHead
 from .sampling import boxes_to_rois, sample_rois
@@ -318,22 +319,28 @@ class GridRoIHead(nn.Module):
         cls_score, bbox_pred = self.bbox_head(self.bbox_roi_extractor(feats, sampled.rois))
         losses = self.bbox_head.loss(cls_score, bbox_pred, sampled)
         jittered = [
-            jitter_boxes(b, cfg.grid_head.jitter, size)
-            for b, size in zip(sampled.pos_boxes, image_sizes, strict=True)
+            jitter_boxes(b, cfg.grid_head.jitter, size, generator=t.generator("grid.jitter"))
+            for b, size, t in zip(sampled.pos_boxes, image_sizes, targets, strict=True)
         ]
         rois = boxes_to_rois(jittered)
-        if rois.shape[0] == 0:
-            return losses
-        grid_feats = self.grid_roi_extractor(feats, rois)
-        keep = torch.randperm(rois.shape[0])[: cfg.grid_head.max_num_grid].to(rois.device)
-        fused, unfused = self.grid_head(grid_feats[keep])
+        if rois.shape[0] == 0 and not syncing():
+            return losses  # no positive in the batch
+        # Across ranks the positives of the global batch are subsampled together, and a
+        # rank left with none still runs the head (DDP reduces every parameter's gradient).
+        keep = random_subset(
+            rois.shape[0],
+            cfg.grid_head.max_num_grid,
+            None if context is None else context.generator("grid.subset"),
+            rois.device,
+        )
+        fused, unfused = self.grid_head(self.grid_roi_extractor(feats, rois[keep]))
         assert unfused is not None
         gt = torch.cat(sampled.pos_gt_boxes)[keep]
         target = self.grid_head.targets(rois[keep, 1:], gt)
         weight = cfg.grid_head.loss_weight
-        losses["loss_grid"] = weight * F.binary_cross_entropy_with_logits(
+        losses["loss_grid"] = weight * binary_cross_entropy(
             fused, target
-        ) + weight * F.binary_cross_entropy_with_logits(unfused, target)
+        ) + weight * binary_cross_entropy(unfused, target)
         return losses
 
     @torch.no_grad()
@@ -370,12 +377,22 @@ class GridRoIHead(nn.Module):
 
 
 def jitter_boxes(
-    boxes: Tensor, amplitude: float, image_size: tuple[int, int], offsets: Tensor | None = None
+    boxes: Tensor,
+    amplitude: float,
+    image_size: tuple[int, int],
+    offsets: Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """mmdet's ``_random_jitter``: centre moved by ``w * r0`` (and ``h * r1``), size scaled by
     ``1 + r2`` (``1 + r3``), clipped to ``[0, W - 1] x [0, H - 1]``. The ``(N, 4)`` offsets r
-    are drawn from U(-a, a) with the global RNG unless given."""
-    if offsets is None:
+    are drawn from U(-a, a) unless given: from the CPU ``generator`` (the image's stream),
+    or the global RNG without one."""
+    if offsets is None and generator is not None:
+        offsets = torch.empty(boxes.shape[0], 4, dtype=boxes.dtype).uniform_(
+            -amplitude, amplitude, generator=generator
+        )
+        offsets = offsets.to(boxes.device)
+    elif offsets is None:
         offsets = boxes.new_empty(boxes.shape[0], 4).uniform_(-amplitude, amplitude)
     cxcy = (boxes[:, 2:4] + boxes[:, :2]) / 2
     wh = (boxes[:, 2:4] - boxes[:, :2]).abs()

@@ -18,6 +18,7 @@ from ...layers import WEIGHT_INITS, init_weight
 from ...ops import decode_deltas, encode_deltas
 from ...structures import InstanceTargets, TrainingContext
 from ..features import Features, FeatureSpec
+from ..global_batch import binary_cross_entropy, cross_entropy, empty_loss, normaliser
 from ..losses import smooth_l1
 from .mask_branch import crop_mask_targets
 from .sampling import SampledRoIs, boxes_to_rois
@@ -96,7 +97,7 @@ class Shared2FCBoxHead(nn.Module):
         positives' normalised deltas (of their GT class unless class-agnostic), summed and
         divided by the number of sampled RoIs (mmdet's ``avg_factor``)."""
         cfg = self.cfg
-        loss_cls = cfg.loss_cls_weight * F.cross_entropy(cls_score, sampled.labels)
+        loss_cls = cfg.loss_cls_weight * cross_entropy(cls_score, sampled.labels)
         if not cfg.with_reg:
             return {"loss_cls": loss_cls}
         reg_targets = [
@@ -108,7 +109,7 @@ class Shared2FCBoxHead(nn.Module):
             "loss_cls": loss_cls,
             "loss_bbox": cfg.loss_bbox_weight
             * smooth_l1(pos_pred - torch.cat(reg_targets), cfg.loss_bbox_beta).sum()
-            / max(cls_score.shape[0], 1),
+            / normaliser(cls_score.shape[0], minimum=1),
         }
 
     def decode(self, boxes: Tensor, bbox_pred: Tensor, image_size: tuple[int, int]) -> Tensor:
@@ -134,11 +135,11 @@ def mask_bce_loss(logits: Tensor, sampled: SampledRoIs, targets: list[InstanceTa
     GT mask cropped by the RoI (RoIAlign at the logits' size, >= 0.5), averaged over pixels;
     ``logits`` are ``(P, C, M, M)`` for the positives of ``sampled`` in order."""
     if logits.shape[0] == 0:
-        return logits.sum() * 0.0
+        return empty_loss(logits.sum())
     (mask_targets,) = crop_mask_targets(
         sampled.pos_boxes, sampled.pos_gt_index, targets, [logits.shape[-1]]
     )
-    return F.binary_cross_entropy_with_logits(
+    return binary_cross_entropy(
         select_class(logits, sampled.pos_labels), mask_targets.to(logits.dtype)
     )
 

@@ -28,6 +28,7 @@ from ...layers import ConvModule
 from ...ops import roi_align
 from ...structures import InstanceTargets, TrainingContext
 from ..features import Features, FeatureSpec, select_specs
+from ..global_batch import binary_cross_entropy, empty_loss, normaliser
 from .mask_branch import crop_mask_targets
 from .sampling import SampledRoIs, boxes_to_rois
 
@@ -117,7 +118,7 @@ def refine_mask_loss(
     ):
         target = target.to(logits.dtype)
         if i <= start_stage:
-            loss = F.binary_cross_entropy_with_logits(logits, target)
+            loss = binary_cross_entropy(logits, target)
             previous_binary = logits.sigmoid() >= 0.5
         else:
             assert previous_binary is not None
@@ -127,7 +128,7 @@ def refine_mask_loss(
             )
             region = _upsample_region(region, size)
             pixel_loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-            loss = (pixel_loss * region).sum() / region.sum().clamp(min=1)
+            loss = (pixel_loss * region).sum() / normaliser(region.sum(), minimum=1)
             # The next region starts from this stage merged into the previous one: the band
             # of the merged binary mask, the raw logits of the previous stage elsewhere.
             merged = merge_stage_logits(stage_logits[i - 1], logits, previous_binary)
@@ -533,7 +534,7 @@ class RefineMaskHead(nn.Module):
         ``loss_semantic``: BCE of the binary foreground map, averaged over its pixels."""
         cfg = self.cfg
         if stage_logits[0].shape[0] == 0:
-            loss_mask = sum(s.sum() for s in stage_logits) * 0.0
+            loss_mask = empty_loss(sum(s.sum() for s in stage_logits), len(stage_logits))
         else:
             loss_mask = refine_mask_loss(
                 stage_logits,
@@ -545,7 +546,7 @@ class RefineMaskHead(nn.Module):
         losses = {"loss_mask": loss_mask}
         if cfg.with_semantic_loss:
             assert semantic_logits is not None and semantic_target is not None
-            losses["loss_semantic"] = cfg.semantic_loss_weight * F.binary_cross_entropy_with_logits(
+            losses["loss_semantic"] = cfg.semantic_loss_weight * binary_cross_entropy(
                 semantic_logits[:, 0], semantic_target.to(semantic_logits.dtype)
             )
         return losses

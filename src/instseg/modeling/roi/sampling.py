@@ -56,9 +56,11 @@ def sample_rois(
     assigner: AssignerConfig,
     sampler: SamplerConfig,
     num_classes: int,
+    purpose: str = "rcnn",
 ) -> SampledRoIs:
     """Per image: the GT boxes join the proposals (``add_gt_as_proposals``), MaxIoU
-    assignment (crowd regions ignored), then random positives and negatives (global RNG)."""
+    assignment (crowd regions ignored), then random positives and negatives, drawn from the
+    image's stream named ``purpose`` (the global RNG for targets without a seed)."""
     boxes, labels, pos_boxes, pos_gt_index, pos_gt_boxes, is_gt = [], [], [], [], [], []
     for props, target in zip(proposals, targets, strict=True):
         num_gt = 0
@@ -66,7 +68,7 @@ def sample_rois(
             props = torch.cat([target.boxes, props])
             num_gt = len(target)
         assigned = assign(props, target.boxes, assigner, target.ignore_boxes)
-        pos, neg = sample(assigned, sampler.num, sampler.pos_fraction)
+        pos, neg = sample(assigned, sampler.num, sampler.pos_fraction, target.generator(purpose))
         gt_index = assigned[pos] - 1
         boxes.append(torch.cat([props[pos], props[neg]]))
         background = torch.full_like(neg, num_classes)
