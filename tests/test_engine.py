@@ -734,8 +734,14 @@ def test_model_sees_the_training_context_across_a_resume(reference, tmp_path):
     model = ContextModel()
     model.seen = seen
     train(model, ToyDataset(), _cfg(), tmp_path, resume=True)
-    assert seen == [TrainingContext(i, MAX_ITERS) for i in range(MAX_ITERS)]
+    assert [(c.iteration, c.max_iters) for c in seen] == [(i, MAX_ITERS) for i in range(MAX_ITERS)]
     _assert_identical(_weights(model), reference[0])
+    # The batch seeds (of random choices over a batch) are those of a run that never stopped.
+    straight = ContextModel()
+    straight.seen = []
+    train(straight, ToyDataset(), _cfg(), tmp_path / "straight")
+    assert [c.batch_seed for c in seen] == [c.batch_seed for c in straight.seen]
+    assert len({c.batch_seed for c in seen}) == MAX_ITERS
     with pytest.raises(FrozenInstanceError):
         seen[0].iteration = 3
 

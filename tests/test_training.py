@@ -7,6 +7,7 @@ shapes and once on the six real COCO images of ``shared/data/coco-val-6``.
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -123,8 +124,10 @@ def test_zoo_config_trains_with_finite_decreasing_loss(name, dataset, tmp_path):
     assert ("loss_centerness" in losses) == name.startswith(("fcos", "condinst"))
     assert ("loss_semantic" in losses) == (name.startswith("refinemask") and "faster" not in name)
     assert all(math.isfinite(r[k]) for r in log for k in [*losses, "total"])
-    first = sum(r["total"] for r in log[:3]) / 3
-    last = sum(r["total"] for r in log[-3:]) / 3
+    # Medians of three: one spike of an 8-iteration run at lr 0.02 without warmup (which
+    # some random streams give) neither fails nor passes the run by itself.
+    first = statistics.median(r["total"] for r in log[:3])
+    last = statistics.median(r["total"] for r in log[-3:])
     assert last < 0.9 * first, [round(r["total"], 3) for r in log]
 
 

@@ -9,6 +9,14 @@ a checkpoint holds everything else that changes: weights, optimizer buffers, the
 states and the data position. A run stopped at any iteration and resumed therefore ends
 with bit-identical weights to one that never stopped (same device, same number of threads).
 
+Data-parallel runs (``torchrun``, ``srun``: a default process group is initialised) split
+each global batch of ``batch_size`` images across the processes and train a DDP model; the
+batches, their order, each image's augmentation and random choices, the padded batch shape
+and every loss normaliser are those of one process holding the whole batch, so losses and
+weights do not depend on the number of processes (up to float summation order). Rank 0
+alone writes checkpoints and the log. ``accumulate`` runs each global batch as that many
+micro-batches before one update.
+
 Two mmdet options act at the start of a run: ``TrainConfig.load_from`` initialises the
 detector from a weights file (fresh runs only; :func:`load_initial_weights`), and
 ``TrainConfig.by_epoch`` counts the schedule in epochs of the training list, which
@@ -27,6 +35,7 @@ import sys
 import threading
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -36,10 +45,15 @@ from typing import Any, Literal
 import numpy as np
 import safetensors.torch
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ..data.loader import GroupedBatchSampler, make_loader, repeat_counts, repeat_factors
+from ..errors import DistributedError
 from ..fileio import atomic_write_text
+from ..modeling.global_batch import across_ranks, collective_device
 from ..structures import ImageBatch, InstanceTargets, TrainingContext
 from .checkpoint import (
     FINAL_NAME,
@@ -52,12 +66,21 @@ from .checkpoint import (
     remove_checkpoint,
     save_checkpoint,
 )
+from .distributed import rank_and_world
 from .schedule import ScheduleConfig, _is_int, build_optimizer, lr_at, set_lr
 
 LOG_NAME = "log.jsonl"
 KEEP_PERIODIC = 2
 _PERIODIC = re.compile(r"^iter_(\d+)$")
-_ENGINE_KEYS = ("iteration", "epoch", "batch", "train_config", "num_images", "repeat_threshold")
+_ENGINE_KEYS = (
+    "iteration",
+    "epoch",
+    "batch",
+    "train_config",
+    "num_images",
+    "repeat_threshold",
+    "world_size",
+)
 # Keys of a log record the trainer writes itself: a model output may not take them.
 _LOG_KEYS = ("iteration", "lr", "total", "grad_norm", "seconds_per_iter", "eta_seconds")
 
@@ -65,6 +88,16 @@ _LOG_KEYS = ("iteration", "lr", "total", "grad_norm", "seconds_per_iter", "eta_s
 @dataclass
 class TrainConfig:
     """How long and how to train.
+
+    ``batch_size`` is the global batch: the images of one update, over every process of a
+    data-parallel run and every micro-batch (so a recipe's batch does not change with the
+    number of devices). ``accumulate`` splits it into that many micro-batches, each run
+    forward and backward before the one update (gradient accumulation: keeps a recipe's
+    batch on fewer devices; a micro-batch's losses are normalised over the micro-batch, so
+    the update equals the whole batch's exactly only for fixed-count normalisers).
+    ``base_batch_size``: the batch the schedule's ``base_lr`` was set for; when given, the
+    learning rate is scaled by ``batch_size / base_batch_size`` (the linear scaling rule,
+    Goyal et al. 2017; mmdet's ``auto_scale_lr``). None keeps ``base_lr`` as written.
 
     ``checkpoint_every`` iterations a checkpoint is written (0: only at the end);
     ``log_every`` iterations a line goes to ``log.jsonl`` and the progress display; ``amp``
@@ -90,6 +123,8 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     by_epoch: bool = False
     load_from: str | None = None
+    accumulate: int = 1
+    base_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -101,6 +136,7 @@ class TrainConfig:
             "seed": 0,
             "num_workers": 0,
             "size_divisor": 1,
+            "accumulate": 1,
         }
         for key, low in minimum.items():
             value = getattr(self, key)
@@ -109,6 +145,13 @@ class TrainConfig:
         for key in ("amp", "by_epoch"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{name}.{key} must be true or false, got {getattr(self, key)!r}")
+        if self.base_batch_size is not None and (
+            not _is_int(self.base_batch_size) or self.base_batch_size < 1
+        ):
+            raise ValueError(
+                f"{name}.base_batch_size must be None or an integer >= 1, "
+                f"got {self.base_batch_size!r}"
+            )
         if self.load_from is not None and (
             not isinstance(self.load_from, str) or not self.load_from.strip()
         ):
@@ -169,11 +212,20 @@ class _SeededSamples(torch.utils.data.Dataset):
         random.seed(derived)
         np.random.seed(derived % 2**32)
         try:
-            return self.dataset[item]
+            sample = self.dataset[item]
         finally:
             torch.set_rng_state(saved[0])
             random.setstate(saved[1])
             np.random.set_state(saved[2])
+        if (
+            isinstance(sample, tuple)
+            and len(sample) == 3
+            and isinstance(sample[1], InstanceTargets)
+        ):
+            # The model's random choices for this image (anchor and RoI sampling...) draw
+            # from the image's own streams, whichever process holds it.
+            sample = (sample[0], replace(sample[1], seed=int(seed)), sample[2])
+        return sample
 
 
 def _worker_init(_: int) -> None:
@@ -184,14 +236,15 @@ def _worker_init(_: int) -> None:
 
 def _train_loader(
     dataset: torch.utils.data.Dataset,
-    sampler: GroupedBatchSampler,
+    batches: list[list[tuple[int, int]]],
     cfg: TrainConfig,
     epoch: int,
 ) -> torch.utils.data.DataLoader:
-    """The loader of ``epoch``: seeded samples in the sampler's order."""
+    """The loader of ``epoch``: seeded samples in the order of ``batches`` (this process's
+    micro-batches)."""
     return make_loader(
         _SeededSamples(dataset),
-        sampler,
+        batches,
         size_divisor=cfg.size_divisor,
         num_workers=cfg.num_workers,
         # The loader draws a base seed when iterated; its own generator keeps that draw
@@ -373,12 +426,13 @@ class _Progress:
     otherwise a plain line is printed per window.
     """
 
-    def __init__(self, path: Path, max_iters: int, log_every: int, append: bool) -> None:
+    def __init__(self, path: Path | None, max_iters: int, log_every: int, append: bool) -> None:
         self.path = path
         self.max_iters = max_iters
         self.log_every = log_every
-        self.tty = sys.stderr.isatty()
-        self.file = path.open("a" if append else "w", encoding="utf-8")
+        self.quiet = path is None  # a data-parallel process other than rank 0
+        self.tty = sys.stderr.isatty() and not self.quiet
+        self.file = None if path is None else path.open("a" if append else "w", encoding="utf-8")
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
         self.count = 0
@@ -390,9 +444,12 @@ class _Progress:
         if self.drawn:
             print(file=sys.stderr, flush=True)
             self.drawn = False
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
     def message(self, text: str) -> None:
+        if self.quiet:
+            return
         if self.drawn:
             print(file=sys.stderr)
             self.drawn = False
@@ -423,9 +480,10 @@ class _Progress:
                 "seconds_per_iter": sec,
                 "eta_seconds": sec * (self.max_iters - iteration),
             }
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-            if not self.tty:
+            if self.file is not None:
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
+            if not self.tty and not self.quiet:
                 print(self._line(iteration, lr, means, sec), file=sys.stderr, flush=True)
             self.sums, self.counts, self.count, self.window_start = {}, {}, 0, now
         if self.tty and (now - self.last_draw > 0.1 or iteration == self.max_iters):
@@ -538,23 +596,87 @@ def _prune_periodic(work_dir: Path, keep: int) -> None:
             remove_checkpoint(work_dir, name)
 
 
-def _epoch_length(sampler: GroupedBatchSampler, epoch: int) -> int:
-    return len(sampler.batches(epoch))
+Item = tuple[int, int]  # (dataset index, sample seed)
+
+
+def split_evenly(items: list[Item], parts: int) -> list[list[Item]]:
+    """``items`` in ``parts`` consecutive chunks whose sizes differ by at most one (the
+    larger first)."""
+    size, extra = divmod(len(items), parts)
+    chunks, start = [], 0
+    for part in range(parts):
+        end = start + size + (1 if part < extra else 0)
+        chunks.append(items[start:end])
+        start = end
+    return chunks
+
+
+def micro_batches(batch: list[Item], accumulate: int, world_size: int) -> list[list[Item]]:
+    """The micro-batches one update over the global ``batch`` runs: ``min(accumulate,
+    len(batch) // world_size)`` consecutive chunks, so that each process gets at least one
+    image of each; none (the batch is skipped) when it has fewer images than processes,
+    which only the last, partial batch of an aspect-ratio group can have."""
+    count = min(accumulate, len(batch) // world_size)
+    return split_evenly(batch, count) if count else []
+
+
+@dataclass
+class _Planned:
+    """One update of an epoch: the index of its batch in the sampler's order (a checkpoint's
+    position) and its micro-batches over all processes."""
+
+    index: int
+    micro: list[list[Item]]
+
+
+def _epoch_plan(
+    sampler: GroupedBatchSampler, epoch: int, accumulate: int, world_size: int
+) -> list[_Planned]:
+    """The updates of ``epoch``: the sampler's global batches, split into micro-batches,
+    without those that cannot give every process an image."""
+    plan = []
+    for index, batch in enumerate(sampler.batches(epoch)):
+        micro = micro_batches(batch, accumulate, world_size)
+        if micro:
+            plan.append(_Planned(index, micro))
+    return plan
+
+
+def _batch_seed(micro: list[Item]) -> int:
+    """The seed of a micro-batch's random choices over the whole batch: a function of its
+    images' sample seeds, which every process knows."""
+    seed = 0
+    for _, sample_seed in micro:
+        seed = (seed * 0x100000001B3 + int(sample_seed) + 1) % 2**63
+    return seed
+
+
+def _pad_across_ranks(images: ImageBatch) -> ImageBatch:
+    """``images`` zero-padded to the largest padded shape of the processes' micro-batches:
+    the shape one process padding the whole micro-batch gives."""
+    shape = torch.tensor(images.tensor.shape[-2:], dtype=torch.int64, device=collective_device())
+    dist.all_reduce(shape, op=dist.ReduceOp.MAX)
+    height, width = shape.tolist()
+    tensor = images.tensor
+    if (height, width) != tuple(tensor.shape[-2:]):
+        tensor = F.pad(tensor, (0, width - tensor.shape[-1], 0, height - tensor.shape[-2]))
+    return ImageBatch(tensor, images.image_sizes)
 
 
 @dataclass
 class _Position:
-    """Iterations completed, and the epoch and batch of the data order that come next."""
+    """Iterations completed, and the epoch and the index (in the sampler's order) of the
+    batch that come next."""
 
     iteration: int = 0
     epoch: int = 0
     batch: int = 0
 
-    def advance(self, epoch_len: int) -> None:
-        """Count one iteration done, in an epoch of ``epoch_len`` batches."""
+    def advance(self, done: int, last_of_epoch: bool) -> None:
+        """Count one iteration done, on the batch of index ``done``."""
         self.iteration += 1
-        self.batch += 1
-        if self.batch >= epoch_len:
+        self.batch = done + 1
+        if last_of_epoch:
             self.epoch, self.batch = self.epoch + 1, 0
 
 
@@ -658,13 +780,17 @@ def _start(
     position = _restore(
         work_dir, last_name, model, optimizer, cfg, num_images, repeat_threshold, device
     )
-    _trim_log(work_dir / LOG_NAME, position.iteration)
+    if rank_and_world()[0] == 0:
+        _trim_log(work_dir / LOG_NAME, position.iteration)
     return position, last_name
 
 
 class _Run:
     """One call of :func:`train` from ``position``: the iterations until ``cfg.max_iters``
-    or a stop signal, the progress log and the checkpoints written on the way."""
+    or a stop signal, the progress log and the checkpoints written on the way.
+
+    In a data-parallel run ``model`` is wrapped in DDP for the forward pass, each process
+    loads its share of every micro-batch, and rank 0 alone writes."""
 
     def __init__(
         self,
@@ -689,55 +815,73 @@ class _Run:
         self.resumed_from, self.num_images, self.extra_state = resumed_from, num_images, extra_state
         self.repeat_threshold = repeat_threshold
         self.device, self.amp, self.on_iteration = device, amp, on_iteration
+        self.rank, self.world = rank_and_world()
+        self.forward_model: nn.Module = model
+        if self.world > 1:
+            # Buffers are not broadcast (mmdet's default): frozen or synchronised norms keep
+            # them equal; rank 0's are the ones saved.
+            self.forward_model = DistributedDataParallel(
+                model,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                broadcast_buffers=False,
+            )
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.history: list[dict[str, float]] = []
         self.stop = _StopRequest()
+        self.stop_agreed = False
         resumed = resumed_from is not None
         self.last_saved = position.iteration if resumed else -1
         self.weights = checkpoint_files(work_dir, resumed_from)[0] if resumed_from else work_dir
-        self.progress = _Progress(work_dir / LOG_NAME, cfg.max_iters, cfg.log_every, resumed)
+        log = work_dir / LOG_NAME if self.rank == 0 else None
+        self.progress = _Progress(log, cfg.max_iters, cfg.log_every, resumed)
 
     def run(self) -> TrainResult:
         """Train until ``max_iters`` or a stop signal, then save and say how it ended."""
         try:
             with _signal_handlers(self.stop):
-                while self.position.iteration < self.cfg.max_iters and self.stop.requested is None:
+                while self.position.iteration < self.cfg.max_iters and not self._stopping():
                     self._run_epoch()
                 return self._finish()
         finally:
             self.progress.close()
 
+    def _stopping(self) -> bool:
+        """Whether to stop after this iteration: a signal here, or (data-parallel) on any
+        process, as agreed at the last iteration so that every process stops at once."""
+        return self.stop_agreed if self.world > 1 else self.stop.requested is not None
+
     def _run_epoch(self) -> None:
         """Iterate from the position to the end of its epoch, ``max_iters`` or a stop."""
         pos = self.position
-        epoch_len = _epoch_length(self.sampler, pos.epoch)
-        if pos.batch >= epoch_len:
+        plan = _epoch_plan(self.sampler, pos.epoch, self.cfg.accumulate, self.world)
+        todo = [step for step in plan if step.index >= pos.batch]
+        if not todo:
             pos.epoch, pos.batch = pos.epoch + 1, 0
             return
-        self.sampler.set_epoch(pos.epoch, pos.batch)
-        batches = iter(_train_loader(self.dataset, self.sampler, self.cfg, pos.epoch))
+        last_index = plan[-1].index
+        mine = [split_evenly(micro, self.world)[self.rank] for s in todo for micro in s.micro]
+        batches = iter(_train_loader(self.dataset, mine, self.cfg, pos.epoch))
         try:
-            for images, targets, _ in batches:
-                self._iteration(images, targets, epoch_len)
+            for step in todo:
+                inputs = [next(batches)[:2] for _ in step.micro]
+                lr = lr_at(self.cfg.schedule, pos.iteration)
+                values = self._step(inputs, step, lr, pos.iteration)
+                pos.advance(step.index, step.index == last_index)
+                self._record(lr, values)
                 if pos.iteration >= self.cfg.max_iters:
                     break
                 every = self.cfg.checkpoint_every
                 if every and pos.iteration % every == 0:
                     self.weights = self._save(f"iter_{pos.iteration:08d}")
                     self.last_saved = pos.iteration
-                if self.stop.requested is not None:
+                if self._stopping():
                     break
         finally:
             del batches  # shuts loader workers down now, even on an error
 
-    def _iteration(
-        self, images: ImageBatch, targets: list[InstanceTargets], epoch_len: int
-    ) -> None:
-        """One optimisation step, then the position, history, log line and callback."""
+    def _record(self, lr: float, values: dict[str, float]) -> None:
+        """The history, log line and callback of the iteration just counted."""
         pos = self.position
-        lr = lr_at(self.cfg.schedule, pos.iteration)
-        values = self._step(images, targets, lr, TrainingContext(pos.iteration, self.cfg.max_iters))
-        pos.advance(epoch_len)
         self.history.append({"iteration": pos.iteration, "lr": lr, **values})
         self.progress.update(pos.iteration, lr, values)
         if self.on_iteration is not None:
@@ -745,26 +889,37 @@ class _Run:
 
     def _step(
         self,
-        images: ImageBatch,
-        targets: list[InstanceTargets],
+        inputs: list[tuple[ImageBatch, list[InstanceTargets]]],
+        step: _Planned,
         lr: float,
-        context: TrainingContext,
+        iteration: int,
     ) -> dict[str, float]:
-        """Forward, backward of the loss terms, optional clipping and the SGD update at
-        ``lr``; returns the logged values."""
+        """Forward and backward of each micro-batch (its loss terms summed, divided by the
+        number of micro-batches), optional clipping and the SGD update at ``lr``; returns
+        the logged values (averaged over processes and micro-batches)."""
         set_lr(self.optimizer, lr)
-        images = images.to(self.device)
-        targets = [t.to(self.device) for t in targets]
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
-        )
-        with autocast:
-            outputs = self.model(images, targets, context=context)
-        number = context.iteration + 1
-        total, values = _loss_values(outputs, number)
-        _check_finite(values, number)
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        number = iteration + 1
+        count = len(inputs)
+        sums: dict[str, float] = {}
+        seen: dict[str, int] = {}
+        for k, ((images, targets), micro) in enumerate(zip(inputs, step.micro, strict=True)):
+            images = images.to(self.device)
+            targets = [t.to(self.device) for t in targets]
+            if self.world > 1:
+                images = _pad_across_ranks(images)
+            context = TrainingContext(iteration, self.cfg.max_iters, _batch_seed(micro))
+            with self._gradient_sync(last=k == count - 1):
+                with self._autocast(), self._across_ranks():
+                    outputs = self.forward_model(images, targets, context=context)
+                total, values = _loss_values(outputs, number)
+                values = self._reduce(values)
+                _check_finite(values, number)
+                (total if count == 1 else total / count).backward()
+            for key, value in values.items():
+                sums[key] = sums.get(key, 0.0) + value
+                seen[key] = seen.get(key, 0) + 1
+        values = {key: sums[key] / seen[key] for key in sums}
         if self.cfg.schedule.grad_clip is not None:
             norm = float(
                 torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.schedule.grad_clip)
@@ -778,8 +933,46 @@ class _Run:
         self.optimizer.step()
         return values
 
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _across_ranks(self) -> contextlib.AbstractContextManager:
+        """Loss normalisers over the global batch (data-parallel runs)."""
+        return across_ranks() if self.world > 1 else contextlib.nullcontext()
+
+    def _gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """DDP reduces the gradients in the backward pass of the last micro-batch only."""
+        if self.world > 1 and not last:
+            assert isinstance(self.forward_model, DistributedDataParallel)
+            return self.forward_model.no_sync()
+        return contextlib.nullcontext()
+
+    def _reduce(self, values: dict[str, float]) -> dict[str, float]:
+        """``values`` averaged over the processes (as is in one process); the stop requests
+        travel with them, so that every process agrees when to stop."""
+        if self.world == 1:
+            return values
+        keys = list(values)
+        fingerprint = float(zlib.crc32("\0".join(keys).encode()))
+        stop = 1.0 if self.stop.requested is not None else 0.0
+        buffer = torch.tensor(
+            [*values.values(), stop, fingerprint], dtype=torch.float64, device=collective_device()
+        )
+        dist.all_reduce(buffer)
+        reduced = buffer.tolist()
+        if reduced[-1] != fingerprint * self.world:
+            raise DistributedError(
+                f"rank {self.rank}: the processes' models returned different loss terms "
+                f"(here {keys}); every process must compute the same terms"
+            )
+        self.stop_agreed = self.stop_agreed or reduced[-2] > 0
+        return {key: value / self.world for key, value in zip(keys, reduced, strict=False)}
+
     def _save(self, name: str) -> Path:
-        """Write checkpoint ``name`` (pruning old periodic ones); returns its weights file."""
+        """Write checkpoint ``name`` (pruning old periodic ones; rank 0 writes, the other
+        processes wait for it); returns its weights file."""
         pos = self.position
         state = {
             "iteration": pos.iteration,
@@ -787,16 +980,21 @@ class _Run:
             "batch": pos.batch,
             "num_images": self.num_images,
             "repeat_threshold": self.repeat_threshold,
+            "world_size": self.world,
             "train_config": self.cfg.to_dict(),
             **self.extra_state,
         }
-        with self.stop.saving_guard():
-            save_checkpoint(self.work_dir, name, self.model, self.optimizer, state)
-            if name != FINAL_NAME:
-                _prune_periodic(self.work_dir, KEEP_PERIODIC)
-        self.progress.message(
-            f"saved checkpoint {self.work_dir / name} (iteration {pos.iteration})"
-        )
+        if self.rank == 0:
+            with self.stop.saving_guard():
+                save_checkpoint(self.work_dir, name, self.model, self.optimizer, state)
+                if name != FINAL_NAME:
+                    _prune_periodic(self.work_dir, KEEP_PERIODIC)
+            self.progress.message(
+                f"saved checkpoint {self.work_dir / name} (iteration {pos.iteration})"
+            )
+        if self.world > 1:
+            with self.stop.saving_guard():
+                dist.barrier()
         return self.work_dir / f"{name}{WEIGHTS_SUFFIX}"
 
     def _finish(self) -> TrainResult:
@@ -813,9 +1011,9 @@ class _Run:
             if self.last_saved != pos.iteration:
                 self.weights = self._save(f"iter_{pos.iteration:08d}")
             status = "interrupted"
+            reason = self.stop.requested or "a stop signal to another process"
             self.progress.message(
-                f"stopped at iteration {pos.iteration}/{max_iters} ({self.stop.requested}); "
-                "resume to continue"
+                f"stopped at iteration {pos.iteration}/{max_iters} ({reason}); resume to continue"
             )
         return TrainResult(pos.iteration, status, self.weights, self.history)
 
@@ -858,6 +1056,27 @@ def train(
         warnings.warn("TrainConfig.amp is ignored: bf16 autocast needs CUDA", stacklevel=2)
         amp = False
 
+    world = rank_and_world()[1]
+    if cfg.batch_size < world:
+        raise ValueError(
+            f"train.batch_size={cfg.batch_size} is the global batch (all processes "
+            f"together): it cannot give each of the {world} processes an image"
+        )
+    notes = []
+    if cfg.base_batch_size is not None:
+        lr = cfg.schedule.base_lr * cfg.batch_size / cfg.base_batch_size
+        notes.append(
+            f"train.base_batch_size: lr {cfg.schedule.base_lr:g} x {cfg.batch_size} / "
+            f"{cfg.base_batch_size} = {lr:g} (linear scaling rule)"
+        )
+        cfg = replace(cfg, schedule=replace(cfg.schedule, base_lr=lr))
+    if world > 1 or cfg.accumulate > 1:
+        share = cfg.batch_size / (world * cfg.accumulate)
+        notes.append(
+            f"global batch {cfg.batch_size} = {world} process(es) x {cfg.accumulate} "
+            f"micro-batch(es) of ~{share:g} image(s)"
+        )
+
     model.train()
     optimizer = build_optimizer(model, cfg.schedule)
     sampler = GroupedBatchSampler(
@@ -867,14 +1086,13 @@ def train(
         seed=cfg.seed,
         repeats=_repeats(records, repeat_threshold),
     )
-    notes = []
     if repeat_threshold is not None:
         notes.append(
             f"repeat-factor sampling (threshold {repeat_threshold}): {sampler.num_samples} "
             f"images per epoch from {len(records)}"
         )
     if cfg.by_epoch:
-        epoch_len = _epoch_length(sampler, 0)
+        epoch_len = len(_epoch_plan(sampler, 0, cfg.accumulate, world))
         epochs, steps = cfg.max_iters, cfg.schedule.steps
         cfg = _resolve_epochs(cfg, epoch_len)
         notes.append(

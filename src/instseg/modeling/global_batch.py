@@ -51,7 +51,7 @@ def syncing() -> bool:
     return _ACTIVE[0]
 
 
-def _device() -> torch.device:
+def collective_device() -> torch.device:
     """Where the default group's collectives run: CUDA for NCCL, the CPU otherwise."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -59,7 +59,7 @@ def _device() -> torch.device:
 
 
 def _all_reduce(values: list[float]) -> list[float]:
-    buffer = torch.tensor(values, dtype=torch.float64, device=_device())
+    buffer = torch.tensor(values, dtype=torch.float64, device=collective_device())
     dist.all_reduce(buffer)
     return buffer.tolist()
 
@@ -133,7 +133,7 @@ def offset_in_batch(count: int) -> tuple[int, int]:
     (``(0, count)`` in one process)."""
     if not syncing():
         return 0, count
-    counts = torch.zeros(dist.get_world_size(), dtype=torch.float64, device=_device())
+    counts = torch.zeros(dist.get_world_size(), dtype=torch.float64, device=collective_device())
     counts[dist.get_rank()] = count
     dist.all_reduce(counts)
     per_rank = [int(c) for c in counts.tolist()]
