@@ -232,7 +232,20 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="override config fields by dotted key, e.g. model.backbone.weights=r50.pth "
         "(repeatable: --set a=1 --set b=2 is --set a=1 b=2)",
     )
-    parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device (default: %(default)s); under torchrun or srun `cuda` means each "
+        "process's own GPU, cuda:LOCAL_RANK",
+    )
+    parser.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="under torchrun or srun: how long a collective waits for the other processes "
+        "before failing (default: 600)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -430,34 +443,69 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# The commands that run data-parallel under torchrun / srun.
+DISTRIBUTED_COMMANDS = ("train", "eval", "predict")
+
+
 def _join_launch(args: argparse.Namespace) -> bool:
     """Under torchrun / srun with several processes, join their process group; True then.
 
-    Only ``eval`` runs data-parallel so far (images sharded, scored on rank 0); any other
-    command in such a launch would run once per process over the same files, so it is an
-    error instead.
+    ``train`` trains a DDP model on the global batch split across the processes, ``eval``
+    and ``predict`` shard the images and gather on rank 0. A ``cuda`` device becomes each
+    process's own GPU. Any other command in such a launch would run once per process over
+    the same files, so it is an error instead.
     """
     if not any(k in os.environ for k in ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS")):
         return False  # the common case, without importing torch.distributed
-    from .engine.distributed import DistributedError, environment, init_process_group
+    from .engine.distributed import (
+        DEFAULT_TIMEOUT_S,
+        DistributedError,
+        environment,
+        init_process_group,
+    )
 
     env = environment()
     if env is None:
         return False
-    if args.command != "eval":
+    if args.command not in DISTRIBUTED_COMMANDS:
         raise DistributedError(
-            f"`instseg {args.command}` does not run under a multi-process launch yet "
+            f"`instseg {args.command}` does not run under a multi-process launch "
             f"({env.launcher}, {env.world_size} processes): start it as one process; "
-            "`instseg eval` is the distributed command so far"
+            f"the distributed commands are {', '.join(DISTRIBUTED_COMMANDS)}"
         )
-    init_process_group(env, args.device)
+    if args.device == "cuda":
+        args.device = f"cuda:{env.local_rank}"
+    timeout = DEFAULT_TIMEOUT_S if args.dist_timeout is None else args.dist_timeout
+    if not timeout > 0:
+        raise DistributedError(f"--dist-timeout must be positive, got {timeout}")
+    init_process_group(env, args.device, timeout)
     return True
+
+
+def _collective_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective operation that failed or timed out (a process of the
+    launch died or hangs), as gloo and NCCL report it."""
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        marker in text for marker in ("gloo", "NCCL", "Connection closed by peer", "Timed out")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    command = f"instseg {args.command}"
+    joined = False
     try:
         joined = _join_launch(args)
+        if joined:
+            from .engine.distributed import rank_and_world
+
+            rank, world = rank_and_world()
+            command = f"{command} (rank {rank} of {world})"
         try:
             return args.func(args)
         finally:
@@ -474,8 +522,18 @@ def main(argv: list[str] | None = None) -> int:
         FileExistsError,
         FloatingPointError,
     ) as exc:
-        print(f"instseg {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{command}: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if not (joined and _collective_failed(exc)):
+            raise
+        print(
+            f"{command}: error: an operation with the other processes failed ({exc}); "
+            "another process has probably stopped first: the launcher's report (torchrun's "
+            "'Root Cause', srun's task list) names it. Resume from the last checkpoint.",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

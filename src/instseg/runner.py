@@ -20,7 +20,7 @@ from .data import Category, CocoDataset, DetectionTransform, TransformConfig, re
 from .data.coco import DataError
 from .data.loader import pad_images
 from .engine import load_weights_only, train
-from .engine.distributed import is_main_process
+from .engine.distributed import barrier, gather_to_main, is_main_process, rank_and_world, shard
 from .engine.inference import evaluate_model
 from .evaluation import format_table, instances_to_coco_results, write_json, write_results
 from .modeling.detectors import Detector
@@ -166,7 +166,8 @@ def run_train(
     # global RNG earlier in the process (two runs with one config end with equal weights).
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, num_classes).to(device)
-    write_json(work_dir / "config.json", to_dict(cfg))
+    if is_main_process():  # data-parallel runs: rank 0 writes, as it writes checkpoints
+        write_json(work_dir / "config.json", to_dict(cfg))
     extra = {"config": to_dict(cfg), "categories": [[c.id, c.name] for c in categories]}
     result = train(
         model,
@@ -178,7 +179,10 @@ def run_train(
         repeat_threshold=cfg.data.repeat_threshold,
     )
     if result.status != "finished":
-        print(f"stopped at iteration {result.iteration}; checkpoint in {work_dir} (use --resume)")
+        if is_main_process():
+            print(
+                f"stopped at iteration {result.iteration}; checkpoint in {work_dir} (use --resume)"
+            )
         return {}
     if not (cfg.data.val_ann and cfg.data.val_images):
         return {}
@@ -199,8 +203,9 @@ def run_train(
         cityscapes_gt_dir=cfg.eval.cityscapes_gt_dir,
         cityscapes_pred_dir=work_dir / "cityscapes_results" if cfg.eval.cityscapes_gt_dir else None,
     )
-    write_json(work_dir / "metrics.json", metrics)
-    print(format_table(metrics))
+    if is_main_process():
+        write_json(work_dir / "metrics.json", metrics)
+        print(format_table(metrics))
     return metrics
 
 
@@ -272,7 +277,11 @@ def run_predict(
     device: str = "cpu",
 ) -> Path:
     """Predict on image files/folders; writes ``results.json`` (COCO results, image ids in
-    ``images.json``) and one overlay PNG per image into ``out_dir``. Returns the results path."""
+    ``images.json``) and one overlay PNG per image into ``out_dir``. Returns the results path.
+
+    In a data-parallel launch rank r predicts images r, r + world, ... (and writes their
+    overlays); rank 0 gathers the results and writes the two json files, the same as one
+    process writes."""
     trained = load_trained(weights, cfg)
     model = trained.model.to(device)
     transform = eval_transform(trained.cfg)
@@ -281,7 +290,9 @@ def run_predict(
     names = [c.name for c in trained.categories]
     category_ids = [c.id for c in trained.categories]
     results, images_index = [], []
-    for image_id, path in enumerate(list_images(inputs), start=1):
+    rank, world = rank_and_world()
+    numbered = list(enumerate(list_images(inputs), start=1))
+    for image_id, path in shard(numbered, rank, world):
         image = read_image(path)
         tensor, info = transform.prepare_image(image, image_id, str(path))
         batch = pad_images([tensor], trained.cfg.train.size_divisor).to(device)
@@ -298,6 +309,11 @@ def run_predict(
         )
         overlay = draw_instances(image, kept, names)
         overlay.save(out_dir / f"{path.stem}_pred.png")
-    write_results(out_dir / "results.json", results)
-    write_json(out_dir / "images.json", images_index)
+    gathered = gather_to_main((results, images_index))
+    if gathered is not None:
+        results = sorted((r for part, _ in gathered for r in part), key=lambda r: r["image_id"])
+        images_index = sorted((i for _, part in gathered for i in part), key=lambda i: i["id"])
+        write_results(out_dir / "results.json", results)
+        write_json(out_dir / "images.json", images_index)
+    barrier()  # every process returns once the files exist
     return out_dir / "results.json"

@@ -26,6 +26,7 @@ repeat-factor sampling (``train(..., repeat_threshold=...)``) lengthens.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import random
@@ -364,22 +365,25 @@ class _StopRequest:
     SIGINT raises KeyboardInterrupt at once (nothing is written, earlier checkpoints stay).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.requested: str | None = None
         self.saving = False
+        self.announce = announce  # False on data-parallel processes other than rank 0
+
+    def _say(self, text: str) -> None:
+        if self.announce:
+            print(text, file=sys.stderr, flush=True)
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if self.saving:
-            print(f"\n{name}: writing a checkpoint, please wait", file=sys.stderr, flush=True)
+            self._say(f"\n{name}: writing a checkpoint, please wait")
             return
         if self.requested is None:
             self.requested = name
-            print(
+            self._say(
                 f"\n{name}: stopping after this iteration and saving a checkpoint "
-                "(Ctrl-C again to stop at once without saving)",
-                file=sys.stderr,
-                flush=True,
+                "(Ctrl-C again to stop at once without saving)"
             )
         elif signum == signal.SIGINT:
             raise KeyboardInterrupt
@@ -597,6 +601,14 @@ def _prune_periodic(work_dir: Path, keep: int) -> None:
 
 
 Item = tuple[int, int]  # (dataset index, sample seed)
+
+# DDP without the buffer broadcast of every forward (mmdet's default): frozen or SyncBN
+# norms keep buffers equal; rank 0's are the ones saved. The keyword changed in torch 2.13.
+_NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 def split_evenly(items: list[Item], parts: int) -> list[list[Item]]:
@@ -818,16 +830,14 @@ class _Run:
         self.rank, self.world = rank_and_world()
         self.forward_model: nn.Module = model
         if self.world > 1:
-            # Buffers are not broadcast (mmdet's default): frozen or synchronised norms keep
-            # them equal; rank 0's are the ones saved.
             self.forward_model = DistributedDataParallel(
                 model,
                 device_ids=[device.index] if device.type == "cuda" else None,
-                broadcast_buffers=False,
+                **_NO_BUFFER_SYNC,
             )
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.history: list[dict[str, float]] = []
-        self.stop = _StopRequest()
+        self.stop = _StopRequest(announce=self.rank == 0)
         self.stop_agreed = False
         resumed = resumed_from is not None
         self.last_saved = position.iteration if resumed else -1
@@ -915,7 +925,12 @@ class _Run:
                 total, values = _loss_values(outputs, number)
                 values = self._reduce(values)
                 _check_finite(values, number)
-                (total if count == 1 else total / count).backward()
+                with warnings.catch_warnings():
+                    # DDP's buckets are laid out contiguous; the gradient of a channels-last
+                    # 1x1 conv has other (equivalent) strides and is copied: not worth a
+                    # warning per run.
+                    warnings.filterwarnings("ignore", "Grad strides do not match bucket view")
+                    (total if count == 1 else total / count).backward()
             for key, value in values.items():
                 sums[key] = sums.get(key, 0.0) + value
                 seen[key] = seen.get(key, 0) + 1

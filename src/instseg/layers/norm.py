@@ -73,8 +73,8 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
 
     Outside a multi-process group (one process, eval mode, frozen statistics) it is exactly
     ``nn.BatchNorm2d``. Inside one, the per-channel mean and then the variance around it are
-    summed over ranks with ``torch.distributed.nn.functional.all_reduce``, whose backward
-    all-reduces the gradient too, so forward and backward equal BatchNorm over the
+    summed over ranks with a differentiable all-reduce (:class:`_AllReduceSum`, whose
+    backward all-reduces the gradient too), so forward and backward equal BatchNorm over the
     concatenated batch. Unlike ``nn.SyncBatchNorm`` this runs on CPU (gloo) as on GPU; its
     state-dict keys are BatchNorm's, so checkpoints move between the two.
     """
@@ -82,8 +82,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and _distributed_world() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
+        all_reduce = _AllReduceSum.apply
         self._check_input_dim(x)
         dims = [0, *range(2, x.dim())]
         shape = (1, -1) + (1,) * (x.dim() - 2)
@@ -110,6 +109,23 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """The sum of a tensor over the ranks of the default group, differentiable: the
+    gradient of every rank's input is the sum of the ranks' output gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        out = x.clone()
+        torch.distributed.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad)
+        return grad
 
 
 def _distributed_world() -> int:
