@@ -165,6 +165,38 @@ def test_syncbn_in_one_process_is_batchnorm() -> None:
     assert torch.equal(sync.running_var, bn.running_var)
 
 
+def _poisoned_rank(rank: int, world: int, port: int, out: str) -> None:
+    """Train the engine's toy model on 2 ranks; rank 1's loss turns NaN at iteration 3."""
+    from instseg.engine import train
+    from test_engine import ToyDataset, _cfg, _model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = _model()
+
+    def poison(iteration: int, values: dict) -> None:
+        model.poison = rank == 1 and iteration == 2
+
+    try:
+        train(model, ToyDataset(), _cfg(max_iters=6), Path(out) / "work", on_iteration=poison)
+        message = "finished"
+    except FloatingPointError as exc:
+        message = f"FloatingPointError: {exc}"
+    finally:
+        dist.destroy_process_group()
+    (Path(out) / f"rank{rank}.txt").write_text(message)
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank_with_the_reason(tmp_path) -> None:
+    mp.spawn(_poisoned_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert message.startswith("FloatingPointError: non-finite loss at iteration 3"), message
+        assert "loss_mask=nan" in message
+    # Nothing was saved on the way, and nothing half-written is left.
+    assert not list((tmp_path / "work").glob("*.safetensors"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Distributed evaluation through torchrun
 # ---------------------------------------------------------------------------------------------
