@@ -873,3 +873,41 @@ def test_make_loader_batches_in_sampler_order_off_the_global_rng():
     order = [[i for i, _ in b] for b in sampler.batches(0)]
     assert [[info.image_id for info in infos] for _, _, infos in batches] == order
     assert all(images.tensor.shape[-1] % 8 == 0 for images, _, _ in batches)
+
+
+def test_base_batch_size_scales_the_lr_linearly_and_nothing_else(tmp_path, capsys):
+    plain = train(_model(), ToyDataset(), _cfg(max_iters=3), tmp_path / "plain")
+    scaled = train(
+        _model(), ToyDataset(), _cfg(max_iters=3, base_batch_size=8), tmp_path / "scaled"
+    )
+    # batch 2 for a schedule set for 8: a quarter of the lr at every iteration (warmup too).
+    assert [h["lr"] for h in scaled.history] == pytest.approx([h["lr"] / 4 for h in plain.history])
+    assert "lr 0.05 x 2 / 8 = 0.0125 (linear scaling rule)" in capsys.readouterr().err
+    # The first forward runs on the same weights and data: same losses.
+    assert scaled.history[0]["loss_mask"] == plain.history[0]["loss_mask"]
+
+
+def test_accumulate_and_base_batch_size_are_validated():
+    with pytest.raises(ValueError, match=r"TrainConfig.accumulate must be an integer >= 1"):
+        _cfg(accumulate=0)
+    with pytest.raises(ValueError, match=r"base_batch_size must be None or an integer >= 1"):
+        _cfg(base_batch_size=0.5)
+
+
+def test_accumulated_micro_batches_update_once_per_batch(tmp_path, capsys):
+    """``accumulate=2``: each batch of 2 runs as 2 micro-batches of 1 image (each padded on
+    its own) before one update; the iterations and the lr schedule are the batches'."""
+    seen: list = []
+    model = ContextModel()
+    model.seen = seen
+    result = train(model, ToyDataset(), _cfg(max_iters=4, accumulate=2), tmp_path)
+    assert [h["iteration"] for h in result.history] == [1, 2, 3, 4]
+    # Two forwards per full batch; a partial batch of one image (the last of the landscape
+    # group) runs as one micro-batch.
+    sampler = GroupedBatchSampler([r.aspect_ratio for r in ToyDataset().records], 2, seed=3)
+    sizes = [len(b) for b in sampler.batches(0)[:4]]
+    assert 1 in sizes and 2 in sizes
+    assert [c.iteration for c in seen] == [i for i, n in enumerate(sizes) for _ in range(n)]
+    assert "global batch 2 = 1 process(es) x 2 micro-batch(es) of ~1 image(s)" in (
+        capsys.readouterr().err
+    )
