@@ -271,7 +271,9 @@ EVERY_KIND = [
     "mask_rcnn_r18_fpn_small",
     "mask_rcnn_r18_fpn_groie_small",
     "refinemask_r18_fpn_small",
-    "mask_rcnn_r18_fpn_ifr_small",
+    # IFR's unrolled pretraining phase at iteration 1, its equilibrium phase (implicit
+    # backward) at iteration 2.
+    "mask_rcnn_r18_fpn_ifr_small+model.roi_head.mask_head.pretrain_steps=1",
     "cascade_mask_rcnn_r18_fpn_small",
     "cascade_rcnn.res50.fpn.coco.800size.1x",  # detectron2's: later stages relabel all boxes
     "grid_rcnn_r18_fpn_small+model.roi_head.grid_head.max_num_grid=8",
@@ -338,7 +340,12 @@ def test_two_processes_train_every_detector_kind_as_one_process_with_the_whole_b
         assert [r["iteration"] for r in log_one] == [r["iteration"] for r in log_two] == [1, 2]
         for a, b in zip(log_one, log_two, strict=True):
             assert a.keys() == b.keys(), case
-            for key in a.keys() - {"seconds_per_iter", "eta_seconds"}:
+            # Loss terms, their total, the gradient norm and the lr; not the timings nor
+            # IFR's solver diagnostics (each process solves its own RoIs' fixed points, so
+            # its step counts and residuals are its own; the logged values are their means).
+            compared = [k for k in a if k.rsplit(".", 1)[-1].startswith("loss")]
+            assert len(compared) >= 2, case
+            for key in [*compared, "total", "lr", *(["grad_norm"] if "grad_norm" in a else [])]:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (case, key)
         assert log_one[0]["total"] != log_one[1]["total"]
         w_one, w_two = (_weights(w / "model_final.safetensors") for w in (one, two))
