@@ -140,6 +140,25 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import convert_checkpoint
+
+    categories = None
+    if args.categories is not None:
+        from .data.coco import Category, load_json
+
+        data = load_json(args.categories)
+        try:
+            found = sorted((int(c["id"]), str(c["name"])) for c in data["categories"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{args.categories}: no usable 'categories' list ({exc})") from exc
+        categories = [Category(i, n) for i, n in found]
+    cfg = load_config(args.config, args.set)
+    out = convert_checkpoint(args.source, args.format, cfg, args.out, categories)
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
 def _cocofy_lvis(args: argparse.Namespace) -> int:
     from .data.coco import load_json
     from .evaluation import cocofy_lvis, write_json
@@ -219,6 +238,7 @@ def _ops_demo(work_dir: Path, seed: int) -> int:
 
 
 CONFIG_HELP = "a zoo config name (`instseg configs`) or a .json config"
+FORMAT_CHOICES = ("mmdet",)  # instseg.convert.FORMATS, without importing torch for --help
 STORED_CONFIG = "default: the config stored with the checkpoint, in the .json beside it"
 
 
@@ -351,6 +371,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="detections per image (default: COCO 100, LVIS 300)",
     )
     score.set_defaults(func=_score)
+
+    convert = sub.add_parser(
+        "convert",
+        help="convert another code base's checkpoint",
+        description="Convert a checkpoint of another code base into an instseg checkpoint "
+        "(OUT.safetensors and OUT.json: the config, the categories, the source's sha256) for "
+        "eval, predict and train.load_from. The file is read with torch.load(weights_only="
+        "True): one that needs other objects is refused, never run. Every key must map to the "
+        "config's model with its shape; the error lists those that do not.",
+    )
+    convert.add_argument("source", metavar="SRC", help="the checkpoint (.pth)")
+    convert.add_argument(
+        "--format", required=True, choices=FORMAT_CHOICES, help="the code base that wrote SRC"
+    )
+    convert.add_argument("--config", required=True, help=CONFIG_HELP)
+    convert.add_argument("--out", required=True, help="the .safetensors file to write")
+    convert.add_argument(
+        "--categories",
+        metavar="ANN_JSON",
+        help="take the categories (in id order) from this COCO-format json (default: the "
+        "checkpoint's class names; COCO's 80 when it names none)",
+    )
+    convert.add_argument(
+        "--set",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config fields by dotted key",
+    )
+    convert.set_defaults(func=_convert)
 
     cocofy = sub.add_parser(
         "cocofy-lvis",

@@ -1,0 +1,210 @@
+"""``instseg convert``: checkpoints of mmdetection in, instseg checkpoints out (issue 18).
+
+The references are independent of the converter: the state dicts of
+``tests/fixtures/{cascade,grid,condinst}_mmdet`` were written by mmdetection 3.3's own models
+(their make_fixture.py scripts), with mmdet's detections on the same input. Here they are
+wrapped as mmdetection's runners and ``publish_model.py`` write checkpoints (3.x ``meta`` with
+``dataset_meta``, 2.x ``CLASSES``, a DDP ``module.`` prefix, ``data_preprocessor`` keys),
+converted through the command line with a zoo config narrowed by ``--set``, loaded as
+``instseg eval`` loads a checkpoint, and must give mmdet's detections.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from instseg.cli import main
+from instseg.convert import categories_for
+from instseg.data.coco_categories import COCO_CATEGORIES
+from instseg.runner import load_trained
+from mmdet_fixtures import assert_detections_equal, mmdet_batch
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+COCO_VAL6 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-val-6"
+CLASSES = ("a", "b", "c", "d", "e")  # the fixtures' 5 classes
+NARROW_TWO_STAGE = [
+    "model.backbone.depth=18",
+    "model.backbone.base_width=8",
+    "model.neck.out_channels=16",
+    "model.roi_head.box_head.fc_channels=32",
+]
+CASES = {
+    # fixture: (zoo config, --set, how the checkpoint is wrapped)
+    "cascade": ("cascade_mask_rcnn_r50_fpn_1x_coco", NARROW_TWO_STAGE, "mmdet3"),
+    "grid": (
+        "grid_rcnn_r50_fpn_gn-head_2x_coco",
+        [*NARROW_TWO_STAGE, "model.roi_head.grid_head.point_feat_channels=8"],
+        "mmdet2",
+    ),
+    "condinst": (
+        "condinst_r50_fpn_ms-poly-90k_coco_instance",
+        [
+            "model.backbone.depth=18",
+            "model.backbone.base_width=8",
+            "model.neck.out_channels=16",
+            "model.bbox_head.stacked_convs=2",
+            "model.bbox_head.feat_channels=16",
+            "model.bbox_head.num_groups=4",
+            "model.mask_head.branch_channels=16",
+            "model.mask_head.branch_convs=2",
+        ],
+        "ddp",
+    ),
+}
+
+
+def _fixture(name: str) -> tuple[dict, torch.Tensor, dict, dict]:
+    folder = FIXTURES / f"{name}_mmdet"
+    if not (folder / f"{name}_state.safetensors").is_file():
+        pytest.skip(f"mmdet {name} fixture absent")
+    state = load_file(folder / f"{name}_state.safetensors")
+    # The Grid fixture was made on the Cascade fixture's input batch.
+    inputs_folder = FIXTURES / "cascade_mmdet" if name == "grid" else folder
+    inputs = load_file(inputs_folder / "inputs.safetensors")["inputs_x32"].float() / 32
+    io = load_file(folder / f"{name}_io.safetensors")
+    meta = json.loads((folder / f"{name}_meta.json").read_text())
+    return state, inputs, io, meta
+
+
+def _write_mmdet_checkpoint(state: dict, style: str, path: Path) -> None:
+    """``state`` saved as mmdetection saves checkpoints, in one of three layouts."""
+    weights = OrderedDict(state)
+    if style == "mmdet3":  # mmengine runner, after publish_model.py: meta + state_dict
+        weights["data_preprocessor.mean"] = torch.tensor([123.675, 116.28, 103.53])
+        meta = {
+            "epoch": 12,
+            "iter": 87960,
+            "mmengine_version": "0.10.4",
+            "dataset_meta": {"classes": CLASSES, "palette": [(220, 20, 60)] * 5},
+            "cfg": "model = dict(type='CascadeRCNN')",
+        }
+        checkpoint = {"meta": meta, "state_dict": weights}
+    elif style == "mmdet2":  # mmcv runner: CLASSES in meta, an optimizer beside
+        meta = {"mmdet_version": "2.25.0", "CLASSES": CLASSES, "epoch": 24, "config": "..."}
+        optimizer = {"state": {}, "param_groups": [{"lr": 0.02, "params": [0, 1]}]}
+        checkpoint = {"meta": meta, "state_dict": weights, "optimizer": optimizer}
+    else:  # a bare state dict saved from a DDP-wrapped model
+        checkpoint = OrderedDict((f"module.{k}", v) for k, v in weights.items())
+    torch.save(checkpoint, path)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_mmdet_checkpoints_convert_and_predict_as_mmdet(name, tmp_path, capsys):
+    state, inputs, io, meta = _fixture(name)
+    config, overrides, style = CASES[name]
+    source = tmp_path / f"{name}.pth"
+    _write_mmdet_checkpoint(state, style, source)
+    out = tmp_path / "converted" / "model.safetensors"
+    argv = ["convert", str(source), "--format", "mmdet", "--config", config, "--out", str(out)]
+    if style == "ddp":  # no class names in the file: take them from an annotation file
+        ann = tmp_path / "ann.json"
+        cats = [{"id": 10 + i, "name": n} for i, n in enumerate(CLASSES)]
+        ann.write_text(json.dumps({"images": [], "annotations": [], "categories": cats}))
+        argv += ["--categories", str(ann)]
+    assert main([*argv, "--set", *overrides]) == 0, capsys.readouterr().err
+
+    converted = load_file(out)
+    expected = {k: v for k, v in state.items() if k in converted}
+    assert expected.keys() == converted.keys() == state.keys()
+    assert all(torch.equal(converted[k], expected[k]) for k in expected)
+    record = json.loads(out.with_suffix(".json").read_text())["state"]
+    source_facts = record["converted_from"]
+    assert source_facts["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert source_facts["format"] == "mmdet"
+    if style == "mmdet3":
+        assert source_facts["dropped_keys"] == ["data_preprocessor.mean"]
+        assert source_facts["meta"] == {"mmengine_version": "0.10.4", "epoch": 12, "iter": 87960}
+    ids = [c[0] for c in record["categories"]]
+    assert [c[1] for c in record["categories"]] == list(CLASSES)
+    assert ids == ([10, 11, 12, 13, 14] if style == "ddp" else [1, 2, 3, 4, 5])
+
+    trained = load_trained(out)  # as instseg eval / predict load it
+    images, infos = mmdet_batch(inputs, meta)
+    with torch.no_grad():
+        results = trained.model.predict(images, infos)
+    assert_detections_equal(results, io, meta["img_metas"])
+
+
+def test_a_config_that_does_not_match_is_refused_with_the_keys(tmp_path, capsys):
+    state, *_ = _fixture("cascade")
+    source = tmp_path / "cascade.pth"
+    _write_mmdet_checkpoint(state, "mmdet3", source)
+    out = tmp_path / "model.safetensors"
+    base = ["convert", str(source), "--format", "mmdet", "--out", str(out)]
+    # Not narrowed: every conv of the backbone has another shape.
+    assert main([*base, "--config", "cascade_mask_rcnn_r50_fpn_1x_coco"]) == 2
+    err = capsys.readouterr().err
+    assert "does not match the model of the config" in err
+    assert "of another shape: backbone.conv1.weight (file (8, 3, 7, 7), model (64, 3, 7, 7))" in err
+    # Another detector: keys on both sides that the other lacks.
+    grid = ["--config", "grid_rcnn_r50_fpn_gn-head_2x_coco", "--set", *NARROW_TWO_STAGE]
+    assert main([*base, *grid]) == 2
+    err = capsys.readouterr().err
+    assert "236 missing from the file: roi_head.bbox_head.shared_fcs.0.weight" in err
+    assert "roi_head.grid_head.convs.0.conv.weight" in err
+    assert "60 not in the model: roi_head.bbox_head.0.fc_cls.bias" in err
+    assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+class _RunsCode:
+    """Unpickling this would call os.system (a checkpoint that runs code when loaded)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path, capsys):
+    marker = tmp_path / "code_ran"
+    source = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "meta": _RunsCode(marker)}, source)
+    out = tmp_path / "model.safetensors"
+    argv = ["convert", str(source), "--format", "mmdet", "--config", "mask_rcnn_r18_fpn_small"]
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "refused" in err and "never runs code from a checkpoint" in err
+    assert "system" in err  # the object it asked for is named
+    assert not marker.exists() and not out.exists()
+
+
+def test_unreadable_and_malformed_checkpoints_are_named(tmp_path, capsys):
+    argv = ["convert", "--format", "mmdet", "--config", "mask_rcnn_r18_fpn_small"]
+    out = ["--out", str(tmp_path / "m.safetensors")]
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"not a checkpoint")
+    assert main([*argv, str(corrupt), *out]) == 2
+    assert "corrupt.pth: not a readable torch checkpoint" in capsys.readouterr().err
+    listed = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], listed)
+    assert main([*argv, str(listed), *out]) == 2
+    assert "list.pth: expected a dict, found list" in capsys.readouterr().err
+    assert main([*argv, str(tmp_path / "absent.pth"), *out]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    wrong = ["--out", str(tmp_path / "m.pth")]
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, corrupt)
+    assert main([*argv, str(corrupt), *wrong]) == 2
+    assert "--out must name a .safetensors file" in capsys.readouterr().err
+
+
+def test_coco_class_names_get_cocos_ids():
+    names = [n for _, n in COCO_CATEGORIES]
+    assert [(c.id, c.name) for c in categories_for(names)] == COCO_CATEGORIES
+    assert [(c.id, c.name) for c in categories_for(None)] == COCO_CATEGORIES
+    assert [(c.id, c.name) for c in categories_for(["x", "y"])] == [(1, "x"), (2, "y")]
+
+
+def test_coco_categories_are_coco_2017s():
+    if not (COCO_VAL6 / "annotations.json").is_file():
+        pytest.skip("shared/data/coco-val-6 absent")
+    data = json.loads((COCO_VAL6 / "annotations.json").read_text())
+    assert sorted((c["id"], c["name"]) for c in data["categories"]) == COCO_CATEGORIES
