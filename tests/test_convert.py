@@ -208,3 +208,28 @@ def test_coco_categories_are_coco_2017s():
         pytest.skip("shared/data/coco-val-6 absent")
     data = json.loads((COCO_VAL6 / "annotations.json").read_text())
     assert sorted((c["id"], c["name"]) for c in data["categories"]) == COCO_CATEGORIES
+
+
+def _official_keys() -> dict:
+    path = FIXTURES / "mmdet_keys" / "mmdet_keys.json"
+    return json.loads(path.read_text())["models"] if path.is_file() else {}
+
+
+@pytest.mark.parametrize("name", sorted(_official_keys()) or ["absent"])
+def test_official_mmdet_models_map_key_for_key(name):
+    """The state dicts of mmdetection 3.3's own full-size Faster/Mask R-CNN, GRoIE and GCNet
+    models (names and shapes recorded by tests/fixtures/mmdet_keys/make_fixture.py) match the
+    zoo config of the same name: the mmdet format needs no renaming for them."""
+    from instseg.configs import get_config
+    from instseg.convert import match_state
+    from instseg.runner import build_model
+
+    if name == "absent":
+        pytest.skip("tests/fixtures/mmdet_keys/mmdet_keys.json absent")
+    shapes = _official_keys()[name]["keys"]
+    model = build_model(get_config(name), len(COCO_CATEGORIES))
+    state = {k: torch.empty(shape) for k, shape in shapes.items()}
+    matched = match_state(model, state, name)
+    assert matched.keys() == model.state_dict().keys()
+    counters = {k for k in shapes if k.endswith("num_batches_tracked")}
+    assert set(shapes) - counters == set(model.state_dict()) - counters
