@@ -233,3 +233,76 @@ def test_official_mmdet_models_map_key_for_key(name):
     assert matched.keys() == model.state_dict().keys()
     counters = {k for k in shapes if k.endswith("num_batches_tracked")}
     assert set(shapes) - counters == set(model.state_dict()) - counters
+
+
+def _official_refinemask_head(num_classes: int = 80) -> dict[str, tuple[int, ...]]:
+    """The ``roi_head.mask_head`` keys and shapes of the official ``RefineMaskHead`` with its
+    COCO settings, written down from its module definitions (zhanggang001/RefineMask,
+    refine_mask_head.py): 2 instance and 4 semantic 3x3 ConvModules of 256 channels (no norm:
+    with bias); 3 SFMStages whose width halves from 256 (stage k: in c, out c / 2), each with
+    1x1 semantic_transform_in (256 -> c) and _out (c -> c), instance_logits (c -> classes),
+    fuse_conv = [1x1 conv (2c + 2 -> c), MultiBranchFusion (three dilated 3x3 ConvModules
+    and a 1x1 merge_conv)], fuse_transform_out (c -> c / 2 - 2); final_instance_logits
+    (32 -> classes) and semantic_logits (256 -> 1)."""
+    keys: dict[str, tuple[int, ...]] = {}
+
+    def conv(name: str, out: int, inp: int, k: int) -> None:
+        keys[f"roi_head.mask_head.{name}.weight"] = (out, inp, k, k)
+        keys[f"roi_head.mask_head.{name}.bias"] = (out,)
+
+    for i in range(2):
+        conv(f"instance_convs.{i}.conv", 256, 256, 3)
+    for i in range(4):
+        conv(f"semantic_convs.{i}.conv", 256, 256, 3)
+    c = 256
+    for k in range(3):
+        stage = f"stages.{k}"
+        conv(f"{stage}.semantic_transform_in", c, 256, 1)
+        conv(f"{stage}.semantic_transform_out", c, c, 1)
+        conv(f"{stage}.instance_logits", num_classes, c, 1)
+        conv(f"{stage}.fuse_conv.0", c, 2 * c + 2, 1)
+        for d in (1, 2, 3):
+            conv(f"{stage}.fuse_conv.1.dilation_conv_{d}.conv", c, c, 3)
+        conv(f"{stage}.fuse_conv.1.merge_conv.conv", c, c, 1)
+        conv(f"{stage}.fuse_transform_out", c // 2 - 2, c, 1)
+        c //= 2
+    conv("final_instance_logits", num_classes, 32, 1)
+    conv("semantic_logits", 1, 256, 1)
+    return keys
+
+
+def test_official_refinemask_checkpoints_map_key_for_key(tmp_path):
+    """An official RefineMask R-50 checkpoint: mmdetection's Mask R-CNN R-50 keys (recorded
+    from mmdet) for everything but the mask head, the official head's keys (above) for it,
+    in mmdet 2.x's file layout; it converts into refinemask_r50_fpn_1x_coco."""
+    models = _official_keys()
+    if "mask_rcnn_r50_fpn_1x_coco" not in models:
+        pytest.skip("tests/fixtures/mmdet_keys/mmdet_keys.json absent")
+    shapes = {
+        k: tuple(v)
+        for k, v in models["mask_rcnn_r50_fpn_1x_coco"]["keys"].items()
+        if not k.startswith("roi_head.mask_head.")
+    }
+    shapes |= _official_refinemask_head()
+    torch.manual_seed(0)
+    state = OrderedDict((k, torch.randn(s) if s else torch.tensor(0)) for k, s in shapes.items())
+    source = tmp_path / "refinemask_r50.pth"
+    names = tuple(n for _, n in COCO_CATEGORIES)
+    meta = {"mmdet_version": "2.3.0", "CLASSES": names, "epoch": 12}
+    torch.save({"meta": meta, "state_dict": state}, source)
+    out = tmp_path / "refinemask.safetensors"
+    argv = ["convert", str(source), "--format", "refinemask", "--out", str(out)]
+    assert main([*argv, "--config", "refinemask_r50_fpn_1x_coco"]) == 0
+    converted = load_file(out)
+    floating = [k for k in state if state[k].is_floating_point()]
+    assert all(torch.equal(converted[k], state[k]) for k in floating)
+    record = json.loads(out.with_suffix(".json").read_text())["state"]
+    assert [tuple(c) for c in record["categories"]] == COCO_CATEGORIES
+    assert record["converted_from"]["format"] == "refinemask"
+
+
+def test_the_command_lines_formats_are_the_converters():
+    from instseg.cli import FORMAT_CHOICES
+    from instseg.convert import FORMATS
+
+    assert FORMAT_CHOICES == FORMATS

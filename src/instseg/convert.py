@@ -19,6 +19,12 @@ Formats so far:
   step counters are not required, and every other key must exist on both sides with the
   same shape. The class names come from the metadata (``dataset_meta.classes`` in 3.x,
   ``CLASSES`` in 2.x); COCO's names get COCO's category ids.
+- ``refinemask``: the official RefineMask repository's checkpoints. It is mmdetection 2.x
+  with one more head, and instseg's RefineMask head keeps the official head's attribute
+  names (``instance_convs``, ``semantic_convs``, ``stages.k.{semantic_transform_in,
+  semantic_transform_out, instance_logits, fuse_conv, fuse_transform_out}``,
+  ``final_instance_logits``, ``semantic_logits``). The file is therefore read as ``mmdet``;
+  the format is named for what the user holds.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from .data import Category
 from .data.coco_categories import COCO_CATEGORIES
 from .engine.checkpoint import WEIGHTS_SUFFIX, CheckpointError, save_checkpoint
 
-FORMATS = ("mmdet",)
+FORMATS = ("mmdet", "refinemask")
 # Metadata worth keeping in the converted json (plain values only).
 _META_FACTS = ("mmdet_version", "mmengine_version", "mmcv_version", "epoch", "iter", "time")
 _LISTED = 20  # keys named in an error before "and N more"
