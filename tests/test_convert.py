@@ -306,3 +306,126 @@ def test_the_command_lines_formats_are_the_converters():
     from instseg.convert import FORMATS
 
     assert FORMAT_CHOICES == FORMATS
+
+
+# ------------------------------------------------------------------ detectron2 / cvpods
+
+
+def _detectron2_ifr_model(cascade: bool) -> list[tuple[str, str | None, tuple[int, ...]]]:
+    """``(detectron2 name, our name or None if dropped, shape)`` of cvpods' IFR R-50-FPN
+    models, written out from the module definitions (spec §13.7; detectron2's
+    ``build_resnet_fpn_backbone`` with FrozenBN, ``StandardRPNHead``, ``FastRCNNConvFCHead``
+    with two fcs, ``FastRCNNOutputLayers`` per cascade stage, IFR's mask head with its block
+    registered four times) beside the names our modules have."""
+    entries: list[tuple[str, str | None, tuple[int, ...]]] = []
+
+    def norm(d2: str, ours: str, channels: int) -> None:
+        for buf in ("weight", "bias", "running_mean", "running_var"):
+            entries.append((f"{d2}.{buf}", f"{ours}.{buf}", (channels,)))
+
+    def conv(d2: str, ours: str | None, shape: tuple[int, ...], bias: bool = True) -> None:
+        entries.append((f"{d2}.weight", ours and f"{ours}.weight", shape))
+        if bias:
+            entries.append((f"{d2}.bias", ours and f"{ours}.bias", (shape[0],)))
+
+    bu = "backbone.bottom_up"
+    conv(f"{bu}.stem.conv1", "backbone.conv1", (64, 3, 7, 7), bias=False)
+    norm(f"{bu}.stem.conv1.norm", "backbone.bn1", 64)
+    in_ch = 64
+    for stage, (blocks, mid) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512), strict=True)):
+        out_ch = mid * 4
+        for b in range(blocks):
+            d2, ours = f"{bu}.res{stage + 2}.{b}", f"backbone.layer{stage + 1}.{b}"
+            block_in = in_ch if b == 0 else out_ch
+            if b == 0:
+                conv(f"{d2}.shortcut", f"{ours}.downsample.0", (out_ch, in_ch, 1, 1), False)
+                norm(f"{d2}.shortcut.norm", f"{ours}.downsample.1", out_ch)
+            shapes = [(mid, block_in, 1, 1), (mid, mid, 3, 3), (out_ch, mid, 1, 1)]
+            for i, shape in enumerate(shapes, start=1):
+                conv(f"{d2}.conv{i}", f"{ours}.conv{i}", shape, bias=False)
+                norm(f"{d2}.conv{i}.norm", f"{ours}.bn{i}", shape[0])
+        in_ch = out_ch
+    for level, c in zip((2, 3, 4, 5), (256, 512, 1024, 2048), strict=True):
+        conv(f"backbone.fpn_lateral{level}", f"neck.lateral_convs.{level - 2}.conv", (256, c, 1, 1))
+        conv(f"backbone.fpn_output{level}", f"neck.fpn_convs.{level - 2}.conv", (256, 256, 3, 3))
+    rpn = "proposal_generator.rpn_head"
+    conv(f"{rpn}.conv", "rpn_head.rpn_conv", (256, 256, 3, 3))
+    conv(f"{rpn}.objectness_logits", "rpn_head.rpn_cls", (3, 256, 1, 1))
+    conv(f"{rpn}.anchor_deltas", "rpn_head.rpn_reg", (12, 256, 1, 1))
+    for stage in range(3) if cascade else [None]:
+        d2 = "" if stage is None else f"{stage}."
+        ours = "roi_head.bbox_head." + ("" if stage is None else f"{stage}.")
+        conv(f"roi_heads.box_head.{d2}fc1", f"{ours}shared_fcs.0", (1024, 256 * 7 * 7))
+        conv(f"roi_heads.box_head.{d2}fc2", f"{ours}shared_fcs.1", (1024, 1024))
+        conv(f"roi_heads.box_predictor.{d2}cls_score", f"{ours}fc_cls", (81, 1024))
+        deltas = 4 if cascade else 320  # cascade stages regress class-agnostic boxes
+        conv(f"roi_heads.box_predictor.{d2}bbox_pred", f"{ours}fc_reg", (deltas, 1024))
+    head = "roi_heads.mask_head"
+    for registered in ("repeat_block", "deq.func"):  # one module, two paths
+        kept = registered == "repeat_block"
+        for i in (1, 2):
+            name = f"{head}.{registered}.conv{i}"
+            ours = f"roi_head.mask_head.repeat_block.conv{i}" if kept else None
+            entries.append((f"{name}.weight_g", ours and f"{ours}.weight_g", (256, 1, 1, 1)))
+            entries.append((f"{name}.weight_v", ours and f"{ours}.weight_v", (256, 256, 3, 3)))
+        for i in (1, 2, 3):
+            ours = f"roi_head.mask_head.repeat_block.gn{i}" if kept else None
+            conv(f"{head}.{registered}.gn{i}", ours, (256,))
+    for copy in ("repeat_block_copy", "deq.func_copy"):  # the copy for the backward solve
+        for i in (1, 2):
+            conv(f"{head}.{copy}.conv{i}", None, (256, 256, 3, 3), bias=False)
+        for i in (1, 2, 3):
+            conv(f"{head}.{copy}.gn{i}", None, (256,))
+    conv(f"{head}.deconv", "roi_head.mask_head.deconv", (256, 256, 2, 2))
+    conv(f"{head}.predictor", "roi_head.mask_head.predictor", (80, 256, 1, 1))
+    entries.append(("pixel_mean", None, (3, 1, 1)))
+    entries.append(("pixel_std", None, (3, 1, 1)))
+    return entries
+
+
+@pytest.mark.parametrize(
+    ("config", "cascade", "container"),
+    [
+        ("mask_rcnn.ifr.res50.fpn.coco.multiscale.1x", False, "pkl"),
+        ("cascade_rcnn.ifr.res50.fpn.coco.800size.1x", True, "pth"),
+    ],
+)
+def test_cvpods_ifr_checkpoints_convert_name_for_name(config, cascade, container, tmp_path):
+    """A detectron2 model-zoo ``.pkl`` (numpy arrays) and a cvpods ``.pth`` of IFR's R-50
+    models: every tensor lands under the name our module has, the duplicates and buffers
+    are dropped and recorded."""
+    import pickle
+
+    entries = _detectron2_ifr_model(cascade)
+    generator = torch.Generator().manual_seed(0)
+    source = {d2: torch.randn(shape, generator=generator) for d2, _, shape in entries}
+    path = tmp_path / f"model_final.{container}"
+    if container == "pkl":
+        arrays = {k: v.numpy() for k, v in source.items()}
+        with path.open("wb") as f:
+            pickle.dump({"model": arrays, "__author__": "Detectron2 Model Zoo"}, f)
+    else:
+        torch.save({"model": source, "iteration": 90000}, path)
+    out = tmp_path / "ifr.safetensors"
+    argv = ["convert", str(path), "--format", "detectron2", "--config", config]
+    assert main([*argv, "--out", str(out)]) == 0
+    converted = load_file(out)
+    kept = [(d2, ours) for d2, ours, _ in entries if ours is not None]
+    assert sorted(converted) == sorted(ours for _, ours in kept)
+    assert all(torch.equal(converted[ours], source[d2]) for d2, ours in kept)
+    facts = json.loads(out.with_suffix(".json").read_text())["state"]["converted_from"]
+    assert sorted(facts["dropped_keys"]) == sorted(d2 for d2, ours, _ in entries if ours is None)
+    assert facts["format"] == "detectron2"
+
+
+def test_a_detectron2_pickle_with_other_objects_is_refused(tmp_path, capsys):
+    import pickle
+
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "evil.pkl"
+    with path.open("wb") as f:
+        pickle.dump({"model": {"w": _RunsCode(marker)}}, f)
+    argv = ["convert", str(path), "--format", "detectron2", "--config", "mask_rcnn_r18_fpn_small"]
+    assert main([*argv, "--out", str(tmp_path / "m.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "refused" in err and "system" in err and not marker.exists()

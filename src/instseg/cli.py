@@ -239,7 +239,7 @@ def _ops_demo(work_dir: Path, seed: int) -> int:
 
 CONFIG_HELP = "a zoo config name (`instseg configs`) or a .json config"
 # instseg.convert.FORMATS, without importing torch for --help (a test keeps them equal).
-FORMAT_CHOICES = ("mmdet", "refinemask")
+FORMAT_CHOICES = ("mmdet", "refinemask", "detectron2")
 STORED_CONFIG = "default: the config stored with the checkpoint, in the .json beside it"
 
 

@@ -25,12 +25,23 @@ Formats so far:
   semantic_transform_out, instance_logits, fuse_conv, fuse_transform_out}``,
   ``final_instance_logits``, ``semantic_logits``). The file is therefore read as ``mmdet``;
   the format is named for what the user holds.
+- ``detectron2``: detectron2 and cvpods checkpoints (IFR's are cvpods'): a ``.pth``
+  (``{"model": state_dict, ...}``) or a detectron2 model-zoo ``.pkl`` (``{"model": {name:
+  numpy array}}``, read by an unpickler that builds numpy arrays and nothing else). Names are
+  mapped by the rules of spec §13.7 (:data:`DETECTRON2_RULES`): ``backbone.bottom_up.res{2..5}``
+  to ``backbone.layer{1..4}``, ``stem`` to the stem, ``shortcut`` to ``downsample``, the FPN's
+  ``fpn_lateral{2..5}`` / ``fpn_output{2..5}``, the RPN, box heads and predictors (per cascade
+  stage), the standard mask head (``mask_fcn{i}``, ``deconv``, ``predictor``) and IFR's head,
+  whose names are ours. IFR's second registrations of its block (``repeat_block_copy``,
+  ``deq.func``, ``deq.func_copy``), the input normalisation buffers and anchor buffers are
+  dropped. Classes: 80 with the background last, as mmdetection (COCO's 80 by default).
 """
 
 from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -44,7 +55,7 @@ from .data import Category
 from .data.coco_categories import COCO_CATEGORIES
 from .engine.checkpoint import WEIGHTS_SUFFIX, CheckpointError, save_checkpoint
 
-FORMATS = ("mmdet", "refinemask")
+FORMATS = ("mmdet", "refinemask", "detectron2")
 # Metadata worth keeping in the converted json (plain values only).
 _META_FACTS = ("mmdet_version", "mmengine_version", "mmcv_version", "epoch", "iter", "time")
 _LISTED = 20  # keys named in an error before "and N more"
@@ -138,6 +149,139 @@ def read_mmdet(path: str | Path) -> SourceWeights:
     return SourceWeights(state, classes, facts, dropped)
 
 
+# detectron2 / cvpods names -> ours (spec §13.7). A rule's replacement may be a list: the
+# first name the model has is used (detectron2's mask head "deconv"/"predictor" are our FCN
+# head's "upsample"/"conv_logits" but IFR's head's own names).
+_Rule = tuple[str, str | list[str]]
+DETECTRON2_RULES: list[_Rule] = [
+    (r"^backbone\.bottom_up\.stem\.conv1\.norm\.", "backbone.bn1."),
+    (r"^backbone\.bottom_up\.stem\.conv1\.", "backbone.conv1."),
+    (r"^backbone\.bottom_up\.res(\d)\.(\d+)\.conv(\d)\.norm\.", r"backbone.layer<\1>.\2.bn\3."),
+    (r"^backbone\.bottom_up\.res(\d)\.(\d+)\.conv(\d)\.", r"backbone.layer<\1>.\2.conv\3."),
+    (
+        r"^backbone\.bottom_up\.res(\d)\.(\d+)\.shortcut\.norm\.",
+        r"backbone.layer<\1>.\2.downsample.1.",
+    ),
+    (r"^backbone\.bottom_up\.res(\d)\.(\d+)\.shortcut\.", r"backbone.layer<\1>.\2.downsample.0."),
+    (r"^backbone\.fpn_lateral(\d)\.", r"neck.lateral_convs.<<\1>>.conv."),
+    (r"^backbone\.fpn_output(\d)\.", r"neck.fpn_convs.<<\1>>.conv."),
+    (r"^proposal_generator\.rpn_head\.conv\.", "rpn_head.rpn_conv."),
+    (r"^proposal_generator\.rpn_head\.objectness_logits\.", "rpn_head.rpn_cls."),
+    (r"^proposal_generator\.rpn_head\.anchor_deltas\.", "rpn_head.rpn_reg."),
+    (r"^roi_heads\.box_head\.(\d+\.)?fc1\.", r"roi_head.bbox_head.\1shared_fcs.0."),
+    (r"^roi_heads\.box_head\.(\d+\.)?fc2\.", r"roi_head.bbox_head.\1shared_fcs.1."),
+    (r"^roi_heads\.box_predictor\.(\d+\.)?cls_score\.", r"roi_head.bbox_head.\1fc_cls."),
+    (r"^roi_heads\.box_predictor\.(\d+\.)?bbox_pred\.", r"roi_head.bbox_head.\1fc_reg."),
+    (r"^roi_heads\.mask_head\.mask_fcn(\d)\.", r"roi_head.mask_head.convs.<\1>.conv."),
+    (
+        r"^roi_heads\.mask_head\.deconv\.",
+        ["roi_head.mask_head.upsample.", "roi_head.mask_head.deconv."],
+    ),
+    (
+        r"^roi_heads\.mask_head\.predictor\.",
+        ["roi_head.mask_head.conv_logits.", "roi_head.mask_head.predictor."],
+    ),
+    (r"^roi_heads\.mask_head\.repeat_block\.", "roi_head.mask_head.repeat_block."),
+]
+# Keys that hold nothing a model needs: IFR's second registrations of its block (the same
+# tensors, or the effective weights the weight-normed ones compute), input normalisation
+# and anchor buffers.
+DETECTRON2_DROPPED = (
+    r"^roi_heads\.mask_head\.(repeat_block_copy|deq\.func|deq\.func_copy)\.",
+    r"^pixel_(mean|std)$",
+    r"anchor_generator\.",
+)
+
+
+def _renamed(key: str, model_keys: set[str]) -> str | None:
+    """``key``'s name in our model by :data:`DETECTRON2_RULES` (None: no rule applies).
+    ``<n>`` in a replacement is n - 1 (res2 is layer1, mask_fcn1 is convs.0), ``<<n>>`` is
+    n - 2 (fpn_lateral2 is lateral_convs.0)."""
+    for pattern, replacement in DETECTRON2_RULES:
+        match = re.match(pattern, key)
+        if match is None:
+            continue
+        candidates = replacement if isinstance(replacement, list) else [replacement]
+        names = []
+        for candidate in candidates:
+            head = match.expand(candidate)
+            head = re.sub(r"<<(\d+)>>", lambda m: str(int(m.group(1)) - 2), head)
+            head = re.sub(r"<(\d+)>", lambda m: str(int(m.group(1)) - 1), head)
+            names.append(head + key[match.end() :])
+        return next((n for n in names if n in model_keys), names[0])
+    return None
+
+
+# What a detectron2 model-zoo pickle may build: numpy arrays, scalars and dtypes.
+_ARRAY_GLOBALS = frozenset(
+    (module, name)
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+    for name in ("_reconstruct", "scalar")
+) | {("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict")}
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Builds numpy arrays and plain containers; any other object is refused unbuilt."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ARRAY_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"unsupported GLOBAL {module}.{name}")
+
+
+def _load_arrays_pickle(path: Path) -> Any:
+    """A detectron2 model-zoo ``.pkl``: numpy arrays in plain containers, nothing else."""
+    import numpy as np
+
+    try:
+        with path.open("rb") as f:
+            obj = _ArraysOnly(f, encoding="latin1").load()
+    except pickle.UnpicklingError as exc:
+        raise ConversionError(
+            f"{path}: refused: the pickle asks to build objects other than numpy arrays and "
+            f"plain containers ({exc}). instseg never runs code from a checkpoint."
+        ) from exc
+    except (EOFError, ValueError, TypeError) as exc:
+        raise ConversionError(f"{path}: not a readable pickle ({exc})") from exc
+
+    def to_torch(value: Any) -> Any:
+        if isinstance(value, np.ndarray):
+            return torch.from_numpy(np.ascontiguousarray(value))
+        if isinstance(value, Mapping):
+            return {k: to_torch(v) for k, v in value.items()}
+        return value
+
+    return to_torch(obj)
+
+
+def read_detectron2(path: str | Path, model_keys: set[str]) -> SourceWeights:
+    """The weights of a detectron2 / cvpods checkpoint under our names (for a model with
+    ``model_keys``); keys no rule maps are kept as they are, so the match reports them."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    checkpoint = _load_arrays_pickle(path) if path.suffix == ".pkl" else load_pickled(path)
+    if not isinstance(checkpoint, Mapping):
+        raise ConversionError(f"{path}: expected a dict, found {type(checkpoint).__name__}")
+    source = checkpoint.get("model", checkpoint)
+    state = _tensor_dict(source, path, "'model'" if "model" in checkpoint else "the file")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    out: dict[str, Tensor] = {}
+    dropped = []
+    for key, value in state.items():
+        if any(re.search(pattern, key) for pattern in DETECTRON2_DROPPED):
+            dropped.append(key)
+            continue
+        name = _renamed(key, model_keys) or key
+        if name in out:
+            raise ConversionError(f"{path}: two keys map to {name}")
+        out[name] = value
+    facts = {k: checkpoint[k] for k in ("iteration", "__author__") if k in checkpoint}
+    facts = {k: v for k, v in facts.items() if isinstance(v, (str, int, float))}
+    return SourceWeights(out, None, facts, dropped)
+
+
 def categories_for(classes: list[str] | None) -> list[Category]:
     """Categories of a checkpoint's classes: COCO's ids when they are COCO's 80 names in
     COCO's order, ids 1..N otherwise; COCO's 80 when the checkpoint names none."""
@@ -196,14 +340,20 @@ def convert_checkpoint(
         raise ConversionError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if out.suffix != WEIGHTS_SUFFIX:
         raise ConversionError(f"--out must name a {WEIGHTS_SUFFIX} file, got {out}")
-    weights = read_mmdet(source)
-    if categories is None:
-        categories = categories_for(weights.classes)
-    elif weights.classes is not None and len(weights.classes) != len(categories):
-        raise ConversionError(
-            f"{source} has {len(weights.classes)} classes, the categories given {len(categories)}"
-        )
-    model = build_model(cfg, len(categories))
+    if fmt == "detectron2":  # no class names in these files: the model can be built first
+        categories = categories or categories_for(None)
+        model = build_model(cfg, len(categories))
+        weights = read_detectron2(source, set(model.state_dict()))
+    else:
+        weights = read_mmdet(source)
+        if categories is None:
+            categories = categories_for(weights.classes)
+        elif weights.classes is not None and len(weights.classes) != len(categories):
+            raise ConversionError(
+                f"{source} has {len(weights.classes)} classes, the categories given "
+                f"{len(categories)}"
+            )
+        model = build_model(cfg, len(categories))
     model.load_state_dict(match_state(model, weights.state, str(source)), strict=True)
     state = {
         "config": to_dict(cfg),
