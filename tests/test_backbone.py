@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -720,3 +721,87 @@ def test_channels_last_features_match_nchw():
     for a, b in zip(nchw(x), nhwc(x), strict=True):
         assert b.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def _msra_r50_blobs() -> dict[str, np.ndarray]:
+    """Detectron's MSRA ImageNet ResNet-50 in its Caffe2 names (``R-50.pkl``): ``conv1_w``,
+    ``res_conv1_bn_{s,b}``; per block ``res{2..5}_{b}_branch2{a,b,c}_{w,bn_s,bn_b}`` and, in
+    block 0, ``branch1`` (the projection); ``fc1000``; solver ``_momentum`` blobs."""
+    rng = np.random.default_rng(0)
+    blobs: dict[str, np.ndarray] = {}
+
+    def put(name: str, *shape: int) -> None:
+        blobs[name] = rng.standard_normal(shape).astype(np.float32)
+
+    put("conv1_w", 64, 3, 7, 7)
+    put("res_conv1_bn_s", 64)
+    put("res_conv1_bn_b", 64)
+    put("conv1_w_momentum", 64, 3, 7, 7)
+    in_ch = 64
+    for stage, (blocks, mid) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512), strict=True)):
+        out = mid * 4
+        for b in range(blocks):
+            name = f"res{stage + 2}_{b}"
+            if b == 0:
+                put(f"{name}_branch1_w", out, in_ch, 1, 1)
+                put(f"{name}_branch1_bn_s", out)
+                put(f"{name}_branch1_bn_b", out)
+            block_in = in_ch if b == 0 else out
+            shapes = {"2a": (mid, block_in, 1, 1), "2b": (mid, mid, 3, 3), "2c": (out, mid, 1, 1)}
+            for branch, shape in shapes.items():
+                put(f"{name}_branch{branch}_w", *shape)
+                put(f"{name}_branch{branch}_bn_s", shape[0])
+                put(f"{name}_branch{branch}_bn_b", shape[0])
+        in_ch = out
+    put("fc1000_w", 1000, 2048)
+    put("fc1000_b", 1000)
+    return blobs
+
+
+def test_msra_caffe2_weights_load_from_a_detectron_pickle(tmp_path):
+    import pickle
+
+    blobs = _msra_r50_blobs()
+    path = tmp_path / "R-50.pkl"
+    with path.open("wb") as f:
+        pickle.dump({"blobs": blobs}, f)
+    cfg = ResNetConfig(depth=50, style="caffe", norm="FrozenBN", weights=str(path))
+    model = ResNet(cfg)
+    state = model.state_dict()
+    # A few names by hand; every entry of the model comes from the file.
+    pairs = {
+        "conv1.weight": "conv1_w",
+        "bn1.weight": "res_conv1_bn_s",
+        "layer1.0.downsample.0.weight": "res2_0_branch1_w",
+        "layer1.0.downsample.1.bias": "res2_0_branch1_bn_b",
+        "layer3.5.conv2.weight": "res4_5_branch2b_w",
+        "layer4.2.bn3.weight": "res5_2_branch2c_bn_s",
+    }
+    for ours, theirs in pairs.items():
+        assert torch.equal(state[ours], torch.from_numpy(blobs[theirs])), ours
+    report = model.load_weights(path)
+    assert report.missing == [] and report.unexpected == []
+    assert sorted(report.ignored) == ["fc.bias", "fc.weight"]
+    weights = [k for k in state if k.endswith(".weight") and not k.startswith("fc")]
+    convs = sum(1 for k in blobs if k.endswith("_w") and not k.startswith("fc"))
+    norms = sum(1 for k in blobs if k.endswith("_bn_s"))
+    assert len(weights) == convs + norms
+    # Caffe2 folded each BatchNorm into s and b: mean 0 and variance 1 here.
+    assert all(state[k].eq(0).all() for k in state if k.endswith("running_mean"))
+    assert all(state[k].eq(1).all() for k in state if k.endswith("running_var"))
+
+
+def test_a_detectron_pickle_asking_for_code_is_refused(tmp_path):
+    import os
+    import pickle
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    path = tmp_path / "R-50.pkl"
+    with path.open("wb") as f:
+        pickle.dump({"blobs": {"conv1_w": RunsCode()}}, f)
+    with pytest.raises(ValueError, match=r"unsupported GLOBAL (posix|os)\.system"):
+        ResNet(ResNetConfig(depth=50, weights=str(path)))
+    assert not (tmp_path / "ran").exists()

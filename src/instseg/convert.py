@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from .data import Category
 from .data.coco_categories import COCO_CATEGORIES
 from .engine.checkpoint import WEIGHTS_SUFFIX, CheckpointError, save_checkpoint
+from .safe_pickle import UnsafePickleError, load_arrays
 
 FORMATS = ("mmdet", "refinemask", "detectron2")
 # Metadata worth keeping in the converted json (plain values only).
@@ -212,46 +213,17 @@ def _renamed(key: str, model_keys: set[str]) -> str | None:
     return None
 
 
-# What a detectron2 model-zoo pickle may build: numpy arrays, scalars and dtypes.
-_ARRAY_GLOBALS = frozenset(
-    (module, name)
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray")
-    for name in ("_reconstruct", "scalar")
-) | {("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict")}
-
-
-class _ArraysOnly(pickle.Unpickler):
-    """Builds numpy arrays and plain containers; any other object is refused unbuilt."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ARRAY_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"unsupported GLOBAL {module}.{name}")
-
-
 def _load_arrays_pickle(path: Path) -> Any:
     """A detectron2 model-zoo ``.pkl``: numpy arrays in plain containers, nothing else."""
-    import numpy as np
-
     try:
-        with path.open("rb") as f:
-            obj = _ArraysOnly(f, encoding="latin1").load()
-    except pickle.UnpicklingError as exc:
+        return load_arrays(path)
+    except UnsafePickleError as exc:
         raise ConversionError(
             f"{path}: refused: the pickle asks to build objects other than numpy arrays and "
             f"plain containers ({exc}). instseg never runs code from a checkpoint."
         ) from exc
-    except (EOFError, ValueError, TypeError) as exc:
-        raise ConversionError(f"{path}: not a readable pickle ({exc})") from exc
-
-    def to_torch(value: Any) -> Any:
-        if isinstance(value, np.ndarray):
-            return torch.from_numpy(np.ascontiguousarray(value))
-        if isinstance(value, Mapping):
-            return {k: to_torch(v) for k, v in value.items()}
-        return value
-
-    return to_torch(obj)
+    except ValueError as exc:
+        raise ConversionError(str(exc)) from exc
 
 
 def read_detectron2(path: str | Path, model_keys: set[str]) -> SourceWeights:

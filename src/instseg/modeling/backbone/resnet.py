@@ -15,9 +15,11 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -303,11 +305,80 @@ def _make_stage(
     return nn.Sequential(*blocks)
 
 
+_CAFFE2_BLOCK = re.compile(r"^res(\d)_(\d+)_branch(1|2a|2b|2c)_(w|bn_s|bn_b)$")
+_CAFFE2_STEM = {
+    "conv1_w": "conv1.weight",
+    "res_conv1_bn_s": "bn1.weight",
+    "res_conv1_bn_b": "bn1.bias",
+    "fc1000_w": "fc.weight",
+    "fc1000_b": "fc.bias",
+}
+_CAFFE2_PART = {"2a": "1", "2b": "2", "2c": "3"}  # branch2x: the block's conv number
+
+
+def caffe2_resnet_names(blobs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Detectron's Caffe2 names (the MSRA ImageNet ``R-50.pkl`` / ``R-101.pkl`` of the
+    detectron2 and cvpods recipes) as ours: ``res{s}_{b}_branch2{a,b,c}_{w,bn_s,bn_b}`` is
+    ``layer{s-1}.{b}.conv{1,2,3}.weight`` / ``bn{1,2,3}.{weight,bias}``, ``branch1`` the
+    ``downsample`` conv and norm, ``res_conv1_bn`` the stem's norm. Their BatchNorm is folded
+    into the scale and shift, so every norm gets running mean 0 and variance 1 (detectron2's
+    FrozenBatchNorm then computes the same ``x * s / sqrt(1 + eps) + b``). Solver state
+    (``*_momentum``) is dropped; other names are kept as they are."""
+    out: dict[str, Tensor] = {}
+    norms = []
+    for name, tensor in blobs.items():
+        if name.endswith("_momentum"):
+            continue
+        match = _CAFFE2_BLOCK.match(name)
+        if name in _CAFFE2_STEM:
+            ours = _CAFFE2_STEM[name]
+        elif match is not None:
+            stage, block, branch, kind = match.groups()
+            prefix = f"layer{int(stage) - 1}.{block}."
+            if branch == "1":
+                conv, norm = f"{prefix}downsample.0", f"{prefix}downsample.1"
+            else:
+                part = _CAFFE2_PART[branch]
+                conv, norm = f"{prefix}conv{part}", f"{prefix}bn{part}"
+            ours = {"w": f"{conv}.weight", "bn_s": f"{norm}.weight", "bn_b": f"{norm}.bias"}[kind]
+        else:
+            ours = name
+        if name.endswith("_bn_s"):
+            norms.append(ours[: -len(".weight")])
+        out[ours] = tensor
+    for norm in norms:
+        channels = out[f"{norm}.weight"].shape[0]
+        out.setdefault(f"{norm}.running_mean", torch.zeros(channels))
+        out.setdefault(f"{norm}.running_var", torch.ones(channels))
+    return out
+
+
+def _read_pickle(file: Path) -> Mapping[str, Tensor]:
+    """A Detectron / detectron2 ``.pkl``: arrays only (:mod:`instseg.safe_pickle`), under
+    ``"model"`` or ``"blobs"`` or at the top; Caffe2 names are translated."""
+    from instseg.safe_pickle import load_arrays
+
+    obj = load_arrays(file)
+    if isinstance(obj, Mapping):
+        for key in ("model", "blobs"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{file} does not hold a state dict (got {type(obj).__name__})")
+    if "conv1_w" in obj:
+        return caffe2_resnet_names(obj)
+    return obj
+
+
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """Read a name -> tensor mapping from ``.safetensors`` or a torch file, never unpickling code.
+    """Read a name -> tensor mapping from ``.safetensors``, a torch file or a Detectron
+    ``.pkl``, never unpickling code.
 
     Torch files are read with ``weights_only=True`` and may hold the mapping directly or
-    under ``"state_dict"`` / ``"model"`` (mmdet, detectron2-style trainers).
+    under ``"state_dict"`` / ``"model"`` (mmdet, detectron2-style trainers); ``.pkl`` files
+    build numpy arrays only, and Caffe2 names (MSRA ``R-50.pkl``) become ours
+    (:func:`caffe2_resnet_names`).
     """
     file = Path(path)
     if not file.is_file():
@@ -320,10 +391,13 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
                 f"reading {file} needs the 'safetensors' package: pip install safetensors"
             ) from exc
         return dict(load_file(str(file), device="cpu"))
-    try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        raise ValueError(f"cannot read {file} as a torch weights file: {exc}") from exc
+    if file.suffix == ".pkl":
+        obj: Any = _read_pickle(file)
+    else:
+        try:
+            obj = torch.load(file, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+            raise ValueError(f"cannot read {file} as a torch weights file: {exc}") from exc
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), Mapping):
