@@ -217,9 +217,10 @@ def _official_keys() -> dict:
 
 @pytest.mark.parametrize("name", sorted(_official_keys()) or ["absent"])
 def test_official_mmdet_models_map_key_for_key(name):
-    """The state dicts of mmdetection 3.3's own full-size Faster/Mask R-CNN, GRoIE and GCNet
-    models (names and shapes recorded by tests/fixtures/mmdet_keys/make_fixture.py) match the
-    zoo config of the same name: the mmdet format needs no renaming for them."""
+    """The state dicts of mmdetection 3.3's own full-size models of every mmdet recipe in the
+    zoo (Faster/Mask R-CNN R-50/R-101, GRoIE, GCNet, Grid, Cascade Mask, CondInst, LVIS,
+    Cityscapes; names and shapes recorded by tests/fixtures/mmdet_keys/make_fixture.py)
+    match the zoo config of the same name: the mmdet format needs no renaming for them."""
     from instseg.configs import get_config
     from instseg.convert import match_state
     from instseg.runner import build_model
@@ -227,7 +228,13 @@ def test_official_mmdet_models_map_key_for_key(name):
     if name == "absent":
         pytest.skip("tests/fixtures/mmdet_keys/mmdet_keys.json absent")
     shapes = _official_keys()[name]["keys"]
-    model = build_model(get_config(name), len(COCO_CATEGORIES))
+    # The class count of the official model (COCO 80, LVIS 1203, Cityscapes 8).
+    # A box head's fc_cls is (classes + 1 background, C); a dense head's conv_cls has no
+    # background row.
+    ends = ("fc_cls.weight", "conv_cls.weight")
+    cls = next(shape for k, shape in sorted(shapes.items()) if k.endswith(ends))
+    num_classes = cls[0] - 1 if len(cls) == 2 else cls[0]
+    model = build_model(get_config(name), num_classes)
     state = {k: torch.empty(shape) for k, shape in shapes.items()}
     matched = match_state(model, state, name)
     assert matched.keys() == model.state_dict().keys()
