@@ -243,7 +243,7 @@ FORMAT_CHOICES = ("mmdet", "refinemask", "detectron2")
 STORED_CONFIG = "default: the config stored with the checkpoint, in the .json beside it"
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _set_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set",
         nargs="+",
@@ -253,6 +253,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="override config fields by dotted key, e.g. model.backbone.weights=r50.pth "
         "(repeatable: --set a=1 --set b=2 is --set a=1 b=2)",
     )
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    _set_option(parser)
     parser.add_argument(
         "--device",
         default="cpu",
@@ -394,14 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="take the categories (in id order) from this COCO-format json (default: the "
         "checkpoint's class names; COCO's 80 when it names none)",
     )
-    convert.add_argument(
-        "--set",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override config fields by dotted key",
-    )
+    _set_option(convert)
     convert.set_defaults(func=_convert)
 
     cocofy = sub.add_parser(

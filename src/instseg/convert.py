@@ -113,26 +113,32 @@ def load_pickled(path: Path) -> Any:
 
 
 def _tensor_dict(obj: Any, path: Path, what: str) -> dict[str, Tensor]:
+    """``obj`` as a name -> tensor dict, without the ``module.`` prefix of a model saved from
+    DDP; an error naming ``what`` when it is not one."""
     if not isinstance(obj, Mapping) or not obj:
         raise ConversionError(f"{path}: {what} is not a non-empty dict of tensors")
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
     if bad:
         raise ConversionError(f"{path}: {what} has entries that are not named tensors: {bad[:5]}")
+    if all(k.startswith("module.") for k in obj):
+        return {k[len("module.") :]: v for k, v in obj.items()}
     return dict(obj)
+
+
+def _checkpoint_dict(checkpoint: Any, path: Path) -> Mapping[str, Any]:
+    if not isinstance(checkpoint, Mapping):
+        raise ConversionError(f"{path}: expected a dict, found {type(checkpoint).__name__}")
+    return checkpoint
 
 
 def read_mmdet(path: str | Path) -> SourceWeights:
     """The weights, class names and metadata facts of an mmdetection checkpoint."""
     path = Path(path)
-    checkpoint = load_pickled(path)
-    if not isinstance(checkpoint, Mapping):
-        raise ConversionError(f"{path}: expected a dict, found {type(checkpoint).__name__}")
+    checkpoint = _checkpoint_dict(load_pickled(path), path)
     if "state_dict" in checkpoint:
         state = _tensor_dict(checkpoint["state_dict"], path, "'state_dict'")
     else:
         state = _tensor_dict(checkpoint, path, "the file (a bare state dict)")
-    if all(k.startswith("module.") for k in state):  # saved from a DDP-wrapped model
-        state = {k[len("module.") :]: v for k, v in state.items()}
     dropped = [k for k in state if k.startswith("data_preprocessor.")]
     for key in dropped:
         del state[key]
@@ -232,13 +238,10 @@ def read_detectron2(path: str | Path, model_keys: set[str]) -> SourceWeights:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    checkpoint = _load_arrays_pickle(path) if path.suffix == ".pkl" else load_pickled(path)
-    if not isinstance(checkpoint, Mapping):
-        raise ConversionError(f"{path}: expected a dict, found {type(checkpoint).__name__}")
+    loaded = _load_arrays_pickle(path) if path.suffix == ".pkl" else load_pickled(path)
+    checkpoint = _checkpoint_dict(loaded, path)
     source = checkpoint.get("model", checkpoint)
     state = _tensor_dict(source, path, "'model'" if "model" in checkpoint else "the file")
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
     out: dict[str, Tensor] = {}
     dropped = []
     for key, value in state.items():

@@ -353,24 +353,6 @@ def caffe2_resnet_names(blobs: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _read_pickle(file: Path) -> Mapping[str, Tensor]:
-    """A Detectron / detectron2 ``.pkl``: arrays only (:mod:`instseg.safe_pickle`), under
-    ``"model"`` or ``"blobs"`` or at the top; Caffe2 names are translated."""
-    from instseg.safe_pickle import load_arrays
-
-    obj = load_arrays(file)
-    if isinstance(obj, Mapping):
-        for key in ("model", "blobs"):
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
-                break
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{file} does not hold a state dict (got {type(obj).__name__})")
-    if "conv1_w" in obj:
-        return caffe2_resnet_names(obj)
-    return obj
-
-
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     """Read a name -> tensor mapping from ``.safetensors``, a torch file or a Detectron
     ``.pkl``, never unpickling code.
@@ -391,15 +373,17 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
                 f"reading {file} needs the 'safetensors' package: pip install safetensors"
             ) from exc
         return dict(load_file(str(file), device="cpu"))
-    if file.suffix == ".pkl":
-        obj: Any = _read_pickle(file)
+    if file.suffix == ".pkl":  # Detectron / detectron2: numpy arrays only
+        from instseg.safe_pickle import load_arrays
+
+        obj: Any = load_arrays(file)
     else:
         try:
             obj = torch.load(file, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
             raise ValueError(f"cannot read {file} as a torch weights file: {exc}") from exc
     if isinstance(obj, Mapping):
-        for key in ("state_dict", "model"):
+        for key in ("state_dict", "model", "blobs"):
             if isinstance(obj.get(key), Mapping):
                 obj = obj[key]
                 break
@@ -411,6 +395,8 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
                 f"{file} does not hold a state dict: entry {name!r} is a "
                 f"{type(value).__name__}, not a tensor"
             )
+    if "conv1_w" in obj:  # Detectron's Caffe2 names (MSRA R-50.pkl / R-101.pkl)
+        return caffe2_resnet_names(obj)
     return dict(obj)
 
 
