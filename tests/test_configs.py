@@ -27,7 +27,9 @@ def test_every_zoo_config_builds_and_round_trips_through_json():
     for name in ZOO:
         cfg = get_config(name)
         assert cfg.name == name and cfg.description
-        with_masks = name.startswith(("mask", "refinemask", "condinst", "cascade"))
+        with_masks = name.startswith(
+            ("mask", "refinemask", "condinst", "cascade", "torchvision_mask")
+        )
         assert cfg.model.with_masks == with_masks
         assert (cfg.model.kind == "one_stage") == name.startswith(("fcos", "condinst"))
         if cfg.model.kind == "two_stage":

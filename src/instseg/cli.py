@@ -239,7 +239,7 @@ def _ops_demo(work_dir: Path, seed: int) -> int:
 
 CONFIG_HELP = "a zoo config name (`instseg configs`) or a .json config"
 # instseg.convert.FORMATS, without importing torch for --help (a test keeps them equal).
-FORMAT_CHOICES = ("mmdet", "refinemask", "detectron2")
+FORMAT_CHOICES = ("mmdet", "refinemask", "detectron2", "torchvision")
 STORED_CONFIG = "default: the config stored with the checkpoint, in the .json beside it"
 
 
@@ -388,7 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("source", metavar="SRC", help="the checkpoint (.pth)")
     convert.add_argument(
-        "--format", required=True, choices=FORMAT_CHOICES, help="the code base that wrote SRC"
+        "--format",
+        required=True,
+        choices=FORMAT_CHOICES,
+        help="the code base that wrote SRC (torchvision: use a torchvision_* config)",
     )
     convert.add_argument("--config", required=True, help=CONFIG_HELP)
     convert.add_argument("--out", required=True, help="the .safetensors file to write")
@@ -396,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--categories",
         metavar="ANN_JSON",
         help="take the categories (in id order) from this COCO-format json (default: the "
-        "checkpoint's class names; COCO's 80 when it names none)",
+        "checkpoint's class names; COCO's 80 when it names none; torchvision's 91 rows: "
+        "COCO ids 1-90)",
     )
     _set_option(convert)
     convert.set_defaults(func=_convert)

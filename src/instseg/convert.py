@@ -35,6 +35,15 @@ Formats so far:
   whose names are ours. IFR's second registrations of its block (``repeat_block_copy``,
   ``deq.func``, ``deq.func_copy``), the input normalisation buffers and anchor buffers are
   dropped. Classes: 80 with the background last, as mmdetection (COCO's 80 by default).
+- ``torchvision``: a torchvision ``maskrcnn_resnet50_fpn`` / ``fasterrcnn_resnet50_fpn``
+  state dict (``torch.save(model.state_dict())``, as torchvision publishes its COCO weights,
+  or under ``"model"``), with the module names of spec §13.2 (and the older ``_version`` 1
+  names) mapped by :data:`TORCHVISION_RULES`. Its classifier has the background first: row 0
+  moves last, the background's 4 box-delta rows and mask logit go. Its COCO weights have 91
+  rows, so the model gets 90 classes, class k being COCO category id k + 1 (the ten unused
+  ids are named "N/A"), and every softmax stays torchvision's. Use it with the configs
+  ``torchvision_maskrcnn_resnet50_fpn`` / ``torchvision_fasterrcnn_resnet50_fpn``, which carry
+  torchvision's recipe (spec §13.5-§13.6).
 """
 
 from __future__ import annotations
@@ -56,7 +65,7 @@ from .data.coco_categories import COCO_CATEGORIES
 from .engine.checkpoint import WEIGHTS_SUFFIX, CheckpointError, save_checkpoint
 from .safe_pickle import UnsafePickleError, load_arrays
 
-FORMATS = ("mmdet", "refinemask", "detectron2")
+FORMATS = ("mmdet", "refinemask", "detectron2", "torchvision")
 # Metadata worth keeping in the converted json (plain values only).
 _META_FACTS = ("mmdet_version", "mmengine_version", "mmcv_version", "epoch", "iter", "time")
 _LISTED = 20  # keys named in an error before "and N more"
@@ -200,11 +209,31 @@ DETECTRON2_DROPPED = (
 )
 
 
-def _renamed(key: str, model_keys: set[str]) -> str | None:
-    """``key``'s name in our model by :data:`DETECTRON2_RULES` (None: no rule applies).
-    ``<n>`` in a replacement is n - 1 (res2 is layer1, mask_fcn1 is convs.0), ``<<n>>`` is
-    n - 2 (fpn_lateral2 is lateral_convs.0)."""
-    for pattern, replacement in DETECTRON2_RULES:
+# torchvision names -> ours (spec §13.3, read backwards; ``(?:0\.)?`` also takes the names
+# of its ``_version`` 1 modules).
+TORCHVISION_RULES: list[_Rule] = [
+    (r"^backbone\.body\.", "backbone."),
+    (r"^backbone\.fpn\.inner_blocks\.(\d+)\.(?:0\.)?", r"neck.lateral_convs.\1.conv."),
+    (r"^backbone\.fpn\.layer_blocks\.(\d+)\.(?:0\.)?", r"neck.fpn_convs.\1.conv."),
+    (r"^rpn\.head\.conv\.(?:0\.0\.)?", "rpn_head.rpn_conv."),
+    (r"^rpn\.head\.cls_logits\.", "rpn_head.rpn_cls."),
+    (r"^rpn\.head\.bbox_pred\.", "rpn_head.rpn_reg."),
+    (r"^roi_heads\.box_head\.fc6\.", "roi_head.bbox_head.shared_fcs.0."),
+    (r"^roi_heads\.box_head\.fc7\.", "roi_head.bbox_head.shared_fcs.1."),
+    (r"^roi_heads\.box_predictor\.cls_score\.", "roi_head.bbox_head.fc_cls."),
+    (r"^roi_heads\.box_predictor\.bbox_pred\.", "roi_head.bbox_head.fc_reg."),
+    (r"^roi_heads\.mask_head\.(\d+)\.0\.", r"roi_head.mask_head.convs.\1.conv."),
+    (r"^roi_heads\.mask_head\.mask_fcn(\d)\.", r"roi_head.mask_head.convs.<\1>.conv."),
+    (r"^roi_heads\.mask_predictor\.conv5_mask\.", "roi_head.mask_head.upsample."),
+    (r"^roi_heads\.mask_predictor\.mask_fcn_logits\.", "roi_head.mask_head.conv_logits."),
+]
+
+
+def _renamed(key: str, model_keys: set[str], rules: list[_Rule] = DETECTRON2_RULES) -> str | None:
+    """``key``'s name in our model by ``rules`` (None: no rule applies). ``<n>`` in a
+    replacement is n - 1 (res2 is layer1, mask_fcn1 is convs.0), ``<<n>>`` is n - 2
+    (fpn_lateral2 is lateral_convs.0)."""
+    for pattern, replacement in rules:
         match = re.match(pattern, key)
         if match is None:
             continue
@@ -257,12 +286,57 @@ def read_detectron2(path: str | Path, model_keys: set[str]) -> SourceWeights:
     return SourceWeights(out, None, facts, dropped)
 
 
+def read_torchvision(path: str | Path) -> SourceWeights:
+    """The weights of a torchvision detection state dict under our names, its classifier
+    rows in our order (background last, no background box deltas or mask logits); its
+    classes are named when it has COCO's 91 rows."""
+    path = Path(path)
+    checkpoint = _checkpoint_dict(load_pickled(path), path)
+    wrapper = next((k for k in ("model", "state_dict") if k in checkpoint), None)
+    source = checkpoint[wrapper] if wrapper else checkpoint
+    state = _tensor_dict(source, path, f"{wrapper!r}" if wrapper else "the file")
+    out: dict[str, Tensor] = {}
+    dropped = []
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):  # FrozenBN has none; a BN step counter
+            dropped.append(key)
+            continue
+        name = _renamed(key, set(), TORCHVISION_RULES) or key
+        if name in out:
+            raise ConversionError(f"{path}: two keys map to {name}")
+        out[name] = value
+    head = "roi_head.bbox_head."
+    if head + "fc_cls.weight" not in out:
+        raise ConversionError(
+            f"{path}: no roi_heads.box_predictor.cls_score: not a torchvision detector"
+        )
+    rows = out[head + "fc_cls.weight"].shape[0]
+    for suffix in ("weight", "bias"):
+        cls = out[head + f"fc_cls.{suffix}"]
+        out[head + f"fc_cls.{suffix}"] = torch.cat([cls[1:], cls[:1]])
+        if head + f"fc_reg.{suffix}" in out:
+            reg = out[head + f"fc_reg.{suffix}"]
+            if reg.shape[0] == 4 * rows:  # class-specific: the background's 4 rows go
+                out[head + f"fc_reg.{suffix}"] = reg[4:]
+        logits = f"roi_head.mask_head.conv_logits.{suffix}"
+        if logits in out and out[logits].shape[0] == rows:
+            out[logits] = out[logits][1:]
+    classes = [name for _, name in TORCHVISION_COCO_CATEGORIES] if rows == 91 else None
+    return SourceWeights(out, classes, {"classifier_rows": rows}, dropped)
+
+
+# torchvision's COCO weights: class k is category id k + 1, ids COCO does not use are "N/A".
+TORCHVISION_COCO_CATEGORIES = [(i, dict(COCO_CATEGORIES).get(i, "N/A")) for i in range(1, 91)]
+
+
 def categories_for(classes: list[str] | None) -> list[Category]:
     """Categories of a checkpoint's classes: COCO's ids when they are COCO's 80 names in
     COCO's order, ids 1..N otherwise; COCO's 80 when the checkpoint names none."""
     coco = [Category(i, n) for i, n in COCO_CATEGORIES]
     if classes is None or classes == [c.name for c in coco]:
         return coco
+    if classes == [name for _, name in TORCHVISION_COCO_CATEGORIES]:
+        return [Category(i, name) for i, name in TORCHVISION_COCO_CATEGORIES]
     return [Category(i + 1, name) for i, name in enumerate(classes)]
 
 
@@ -320,7 +394,20 @@ def convert_checkpoint(
         model = build_model(cfg, len(categories))
         weights = read_detectron2(source, set(model.state_dict()))
     else:
-        weights = read_mmdet(source)
+        if fmt == "torchvision":
+            weights = read_torchvision(source)
+            rows = weights.facts["classifier_rows"]
+            if weights.classes is None and categories is None:
+                raise ConversionError(
+                    f"{source} has {rows - 1} classes (not COCO's 91 rows): name them with "
+                    "--categories ANN_JSON"
+                )
+            if categories is not None and len(categories) != rows - 1:
+                raise ConversionError(
+                    f"{source} has {rows - 1} classes, the categories given {len(categories)}"
+                )
+        else:
+            weights = read_mmdet(source)
         if categories is None:
             categories = categories_for(weights.classes)
         elif weights.classes is not None and len(weights.classes) != len(categories):

@@ -48,6 +48,7 @@ def eval_transform(cfg: ExperimentConfig) -> DetectionTransform:
         scales=(cfg.data.test_scale,),
         flip_prob=0.0,
         size_divisor=cfg.train.size_divisor,
+        size_rounding=cfg.data.size_rounding,
         **_normalisation(cfg),
     )
     return DetectionTransform(tcfg, train=False)
@@ -59,6 +60,7 @@ def _train_transform(cfg: ExperimentConfig) -> DetectionTransform:
         scale_mode=cfg.data.train_scale_mode,
         flip_prob=cfg.data.flip_prob,
         size_divisor=cfg.train.size_divisor,
+        size_rounding=cfg.data.size_rounding,
         **_normalisation(cfg),
     )
     return DetectionTransform(tcfg, train=True)

@@ -26,7 +26,8 @@ class DataConfig:
     between those of two scales (one scale: that scale, as mmdet). ``repeat_threshold`` is
     mmdet's ``ClassBalancedDataset`` ``oversample_thr`` (LVIS: 1e-3): images with categories
     rarer than it are repeated in every epoch (:func:`instseg.data.loader.repeat_factors`); None
-    trains on each image once per epoch."""
+    trains on each image once per epoch. ``size_rounding`` "floor" sizes resized images as
+    torchvision's detection transform does (mmdet: "round")."""
 
     train_ann: str | None = None
     train_images: str | None = None
@@ -41,6 +42,7 @@ class DataConfig:
     bgr: bool = False
     train_scale_mode: Literal["value", "range"] = "value"
     repeat_threshold: float | None = None
+    size_rounding: Literal["round", "floor"] = "round"
 
     def __post_init__(self) -> None:
         if not self.train_scales:
@@ -54,6 +56,10 @@ class DataConfig:
             raise ValueError(
                 "data.train_scale_mode 'range' samples between two data.train_scales (the "
                 f"smallest and largest edges), got {len(self.train_scales)} scales"
+            )
+        if self.size_rounding not in ("round", "floor"):
+            raise ValueError(
+                f"data.size_rounding must be one of ('round', 'floor'), got {self.size_rounding!r}"
             )
         threshold = self.repeat_threshold
         if threshold is not None and (

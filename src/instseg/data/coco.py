@@ -321,6 +321,7 @@ class CocoDataset(torch.utils.data.Dataset):
                     f"categories {sorted(model_ids)}"
                 )
         self.categories = list(categories)
+        self.annotated_category_ids = {c.id for c in json_categories}
         self.label_of = {c.id: i for i, c in enumerate(self.categories)}
         self.empty_images = sum(1 for r in records if len(r.boxes) == 0)
         self.records = [r for r in records if len(r.boxes) > 0] if skip_empty else records

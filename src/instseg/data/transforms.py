@@ -9,6 +9,7 @@ flip. Padding to a multiple of ``size_divisor`` happens when batching
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,8 +39,13 @@ class TransformConfig:
     size_divisor: int = 32
     bgr: bool = False
     scale_mode: Literal["value", "range"] = "value"
+    size_rounding: Literal["round", "floor"] = "round"
 
     def __post_init__(self) -> None:
+        if self.size_rounding not in ("round", "floor"):
+            raise ValueError(
+                f"size_rounding must be one of ('round', 'floor'), got {self.size_rounding!r}"
+            )
         self.scales = tuple(tuple(int(v) for v in s) for s in self.scales)  # type: ignore[assignment]
         if not self.scales or any(len(s) != 2 or min(s) <= 0 for s in self.scales):
             raise ValueError(f"scales must be (long, short) pairs of positive ints: {self.scales}")
@@ -59,10 +65,16 @@ class TransformConfig:
             raise ValueError(f"size_divisor must be positive, got {self.size_divisor}")
 
 
-def rescaled_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
-    """Keep-ratio size fitting ``scale = (long, short)``: mmcv's ``rescale_size``."""
+def rescaled_size(
+    height: int, width: int, scale: tuple[int, int], rounding: str = "round"
+) -> tuple[int, int]:
+    """Keep-ratio size fitting ``scale = (long, short)``: mmcv's ``rescale_size`` (sides
+    rounded), or with ``rounding="floor"`` torchvision's ``GeneralizedRCNNTransform``
+    (``F.interpolate(scale_factor=...)`` floors them)."""
     long_edge, short_edge = max(scale), min(scale)
     factor = min(long_edge / max(height, width), short_edge / min(height, width))
+    if rounding == "floor":
+        return math.floor(height * factor), math.floor(width * factor)
     return int(height * factor + 0.5), int(width * factor + 0.5)
 
 
@@ -101,7 +113,7 @@ class DetectionTransform:
     ) -> tuple[Tensor, ImageInfo]:
         """An image without annotations (e.g. for prediction) through the test-time path."""
         height, width = image.shape[:2]
-        new_h, new_w = rescaled_size(height, width, self.cfg.scales[0])
+        new_h, new_w = rescaled_size(height, width, self.cfg.scales[0], self.cfg.size_rounding)
         tensor = self._image_tensor(image, (new_h, new_w), flip=False)
         info = ImageInfo(
             image_id, file_name, (height, width), (new_h, new_w), (new_h / height, new_w / width)
@@ -145,7 +157,7 @@ class DetectionTransform:
             scale = scales[int(torch.randint(len(scales), (1,), generator=rng))]
         else:
             scale = scales[0]
-        new_h, new_w = rescaled_size(height, width, scale)
+        new_h, new_w = rescaled_size(height, width, scale, self.cfg.size_rounding)
         flip = self.train and float(torch.rand((), generator=rng)) < self.cfg.flip_prob
         sy, sx = new_h / height, new_w / width
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,6 +22,8 @@ from ..evaluation.cityscapes import (
 from ..evaluation.score import evaluate_results
 from ..structures import ImageInfo, Instances
 from .distributed import barrier, broadcast_from_main, gather_to_main, rank_and_world
+
+logger = logging.getLogger(__name__)
 
 
 def eval_batches(dataset: CocoDataset, batch_size: int) -> list[list[tuple[int, int]]]:
@@ -127,6 +130,7 @@ def evaluate_model(
         if gathered is not None:
             merged = {k: v for part, _ in gathered for k, v in part.items()}
             results = [r for k in sorted(merged) for r in merged[k]]
+            results = _annotated_categories_only(results, dataset)
             with_masks = any(masks for _, masks in gathered)
             if results_path is not None:
                 write_results(results_path, results)
@@ -142,3 +146,20 @@ def evaluate_model(
             if metrics is not None:
                 metrics["cityscapes"] = evaluate_cityscapes(cityscapes_pred_dir, cityscapes_gt_dir)
         return broadcast_from_main(metrics)
+
+
+def _annotated_categories_only(results: list[dict], dataset: CocoDataset) -> list[dict]:
+    """The results of categories the annotation file has. A model may know more (torchvision's
+    COCO weights keep 10 unused "N/A" ids); COCO's evaluation ignores those categories, so
+    leaving their detections out changes no metric. The count is logged."""
+    known = dataset.annotated_category_ids
+    kept = [r for r in results if r["category_id"] in known]
+    if len(kept) < len(results):
+        other = sorted({r["category_id"] for r in results} - known)
+        logger.warning(
+            "left out %d detection(s) of categories %s that %s does not have",
+            len(results) - len(kept),
+            other,
+            dataset.ann_file,
+        )
+    return kept

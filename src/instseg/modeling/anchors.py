@@ -19,6 +19,7 @@ class AnchorGenerator:
 
     A level of stride ``s`` has ``len(ratios) * len(scales)`` anchors per location, of base
     size ``s * scale``, area-preserving aspect ``h / w = ratio``, centred on ``(x*s, y*s)``.
+    ``round_base`` rounds the base anchors' corners to integers (torchvision, spec §13.5).
     """
 
     def __init__(
@@ -26,6 +27,7 @@ class AnchorGenerator:
         strides: tuple[int, ...] = (4, 8, 16, 32, 64),
         ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
         scales: tuple[float, ...] = (8.0,),
+        round_base: bool = False,
     ) -> None:
         self.strides = strides
         self.base_anchors = []
@@ -35,20 +37,32 @@ class AnchorGenerator:
         for stride in strides:
             ws = (stride * w_ratios[:, None] * scale[None, :]).reshape(-1)
             hs = (stride * h_ratios[:, None] * scale[None, :]).reshape(-1)
-            self.base_anchors.append(torch.stack([-ws / 2, -hs / 2, ws / 2, hs / 2], 1).float())
+            base = torch.stack([-ws / 2, -hs / 2, ws / 2, hs / 2], 1).float()
+            self.base_anchors.append(base.round() if round_base else base)
 
     @property
     def num_anchors(self) -> int:
         return self.base_anchors[0].shape[0]
 
-    def grid_anchors(self, sizes: list[tuple[int, int]], device: torch.device) -> list[Tensor]:
-        """``(H*W*A, 4)`` anchors per level for feature maps of ``sizes``."""
+    def grid_anchors(
+        self,
+        sizes: list[tuple[int, int]],
+        device: torch.device,
+        input_size: tuple[int, int] | None = None,
+    ) -> list[Tensor]:
+        """``(H*W*A, 4)`` anchors per level for feature maps of ``sizes``. With
+        ``input_size`` (the padded batch's height and width) the centres step by
+        ``input_size // size`` per axis instead of the level's stride, as torchvision's
+        ``AnchorGenerator`` does (a 13-cell P6 of an 800-pixel input steps by 61, not 64)."""
         anchors = []
         for (height, width), stride, base in zip(
             sizes, self.strides, self.base_anchors, strict=False
         ):
-            ys = torch.arange(height, device=device, dtype=torch.float32) * stride
-            xs = torch.arange(width, device=device, dtype=torch.float32) * stride
+            stride_y = stride_x = stride
+            if input_size is not None:
+                stride_y, stride_x = input_size[0] // height, input_size[1] // width
+            ys = torch.arange(height, device=device, dtype=torch.float32) * stride_y
+            xs = torch.arange(width, device=device, dtype=torch.float32) * stride_x
             yy, xx = torch.meshgrid(ys, xs, indexing="ij")
             shifts = torch.stack([xx, yy, xx, yy], -1).reshape(-1, 1, 4)
             anchors.append((shifts + base.to(device)).reshape(-1, 4))

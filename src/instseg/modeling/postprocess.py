@@ -11,13 +11,24 @@ from ..structures import ImageInfo, Instances
 
 
 def multiclass_nms(
-    boxes: Tensor, scores: Tensor, score_thr: float, iou_threshold: float, max_per_image: int
+    boxes: Tensor,
+    scores: Tensor,
+    score_thr: float,
+    iou_threshold: float,
+    max_per_image: int,
+    min_size: float = 0.0,
 ) -> Instances:
     """``(N, C, 4)`` boxes and ``(N, C)`` scores of one image -> the best ``max_per_image``
-    (box, class) pairs scoring above ``score_thr`` after NMS within each class."""
+    (box, class) pairs scoring above ``score_thr`` after NMS within each class; with
+    ``min_size > 0`` only boxes at least that wide and high take part (torchvision's
+    ``remove_small_boxes``)."""
     box_index, label = torch.nonzero(scores > score_thr, as_tuple=True)
     det_boxes = boxes[box_index, label]
     det_scores = scores[box_index, label]
+    if min_size > 0:
+        wide = det_boxes[:, 2] - det_boxes[:, 0] >= min_size
+        big = wide & (det_boxes[:, 3] - det_boxes[:, 1] >= min_size)
+        det_boxes, det_scores, label = det_boxes[big], det_scores[big], label[big]
     keep = batched_nms(det_boxes, det_scores, label, iou_threshold)[:max_per_image]
     return Instances(det_boxes[keep], det_scores[keep], label[keep])
 
@@ -35,9 +46,11 @@ def paste_masks(
     out_sizes: list[tuple[int, int]],
     threshold: float,
     device: torch.device,
+    mode: str = "grid_sample",
 ) -> None:
     """Set ``masks`` of each image's detections: ``probs`` holds the ``(M, M)`` probabilities
-    of every image's detections in order; each is pasted into its (final-frame) box."""
+    of every image's detections in order; each is pasted into its (final-frame) box the
+    ``mode`` way (:func:`instseg.ops.paste_masks_in_image`)."""
     start = 0
     for result, out_size in zip(results, out_sizes, strict=True):
         n = len(result)
@@ -45,6 +58,6 @@ def paste_masks(
             result.masks = torch.zeros((0, *out_size), dtype=torch.bool, device=device)
             continue
         result.masks = paste_masks_in_image(
-            probs[start : start + n], result.boxes, out_size, threshold
+            probs[start : start + n], result.boxes, out_size, threshold, mode=mode
         )
         start += n

@@ -328,6 +328,9 @@ def encode_deltas(
     return (deltas - deltas.new_tensor(means)) / deltas.new_tensor(stds)
 
 
+DELTA_CLIPS = ("symmetric", "upper")
+
+
 def decode_deltas(
     proposals: Tensor,
     deltas: Tensor,
@@ -335,13 +338,18 @@ def decode_deltas(
     stds: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
     max_shape: tuple[int, int] | None = None,
     wh_ratio_clip: float = BBOX_XFORM_CLIP,
+    clip: str = "symmetric",
 ) -> Tensor:
-    """Inverse of :func:`encode_deltas`; ``dw, dh`` are clamped to ``+-wh_ratio_clip`` and
-    the result is clipped to ``max_shape = (height, width)`` when given."""
+    """Inverse of :func:`encode_deltas`; ``dw, dh`` are clamped to ``+-wh_ratio_clip``
+    (mmdet; ``clip="upper"``: only from above, as torchvision's ``BoxCoder``) and the result
+    is clipped to ``max_shape = (height, width)`` when given."""
+    if clip not in DELTA_CLIPS:
+        raise ValueError(f"clip must be one of {DELTA_CLIPS}, got {clip!r}")
     d = deltas * deltas.new_tensor(stds) + deltas.new_tensor(means)
     p = box_convert(proposals, "xyxy", "cxcywh")
-    dw = d[..., 2].clamp(-wh_ratio_clip, wh_ratio_clip)
-    dh = d[..., 3].clamp(-wh_ratio_clip, wh_ratio_clip)
+    low = -wh_ratio_clip if clip == "symmetric" else None
+    dw = d[..., 2].clamp(low, wh_ratio_clip)
+    dh = d[..., 3].clamp(low, wh_ratio_clip)
     cx = p[..., 0] + d[..., 0] * p[..., 2]
     cy = p[..., 1] + d[..., 1] * p[..., 3]
     w = p[..., 2] * dw.exp()

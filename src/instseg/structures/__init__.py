@@ -29,6 +29,11 @@ class ImageBatch:
     def __len__(self) -> int:
         return self.tensor.shape[0]
 
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """The padded ``(H, W)`` every image of the batch shares."""
+        return (int(self.tensor.shape[-2]), int(self.tensor.shape[-1]))
+
     def to(self, device: torch.device | str) -> ImageBatch:
         return ImageBatch(self.tensor.to(device, non_blocking=True), list(self.image_sizes))
 

@@ -7,6 +7,10 @@ samples per image at half positive, sigmoid BCE and L1 (or smooth L1) on the del
 averaged over the sampled anchors of the batch. Proposals: per level the top ``nms_pre``
 scores, decode, drop boxes smaller than ``min_box_size``, NMS per level (0.7), keep the best
 ``max_per_image``.
+
+torchvision's recipe (spec §13.5) differs in three switches: ``anchor_rounding`` (integer
+base anchors), ``anchor_strides="input"`` (centres step by input size // level size) and
+``delta_clip="upper"`` (only large ``dw, dh`` clamped); its ``min_box_size`` is 1e-3.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...ops import batched_nms, clip_boxes_to_image, decode_deltas, encode_deltas
+from ...ops.boxes import DELTA_CLIPS
 from ...structures import InstanceTargets
 from ..anchors import AnchorGenerator, AssignerConfig, assign, sample
 from ..features import Features, FeatureSpec, common_width
@@ -49,8 +54,22 @@ class RPNConfig:
     # Both losses are sums divided by: "sampled", the anchors sampled in the batch (mmdet);
     # "per_image", num_samples x images (detectron2, whatever the sampler found).
     loss_normalizer: str = "sampled"
+    # torchvision's anchors and decoding (spec §13.5): integer base anchors, centres stepping
+    # by input size // level size ("input") rather than the level's stride ("neck"), and
+    # dw, dh clamped from above only ("upper") rather than both ways ("symmetric").
+    anchor_rounding: bool = False
+    anchor_strides: str = "neck"
+    delta_clip: str = "symmetric"
 
     def __post_init__(self) -> None:
+        for name, allowed in (
+            ("anchor_strides", ("neck", "input")),
+            ("delta_clip", DELTA_CLIPS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"rpn.{name} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
         if self.loss_normalizer not in ("sampled", "per_image"):
             raise ValueError(
                 "rpn.loss_normalizer must be one of ('sampled', 'per_image'), got "
@@ -83,7 +102,10 @@ class RPNHead(nn.Module):
         in_channels = common_width(in_specs, "the RPN")
         feat_channels = cfg.feat_channels or in_channels
         self.anchors = AnchorGenerator(
-            tuple(s.stride for s in in_specs), cfg.anchor_ratios, cfg.anchor_scales
+            tuple(s.stride for s in in_specs),
+            cfg.anchor_ratios,
+            cfg.anchor_scales,
+            round_base=cfg.anchor_rounding,
         )
         a = self.anchors.num_anchors
         self.rpn_conv = nn.Conv2d(in_channels, feat_channels, 3, padding=1)
@@ -104,18 +126,38 @@ class RPNHead(nn.Module):
         return logits, deltas
 
     def loss_and_proposals(
-        self, feats: Features, image_sizes: list[tuple[int, int]], targets: list[InstanceTargets]
+        self,
+        feats: Features,
+        image_sizes: list[tuple[int, int]],
+        targets: list[InstanceTargets],
+        input_size: tuple[int, int] | None = None,
     ) -> tuple[dict[str, Tensor], list[Tensor]]:
-        """Training: the RPN losses and the proposals the RoI head samples from."""
+        """Training: the RPN losses and the proposals the RoI head samples from;
+        ``input_size`` is the padded batch's (height, width)."""
         logits, deltas = self(feats)
         sizes = self.level_sizes(feats)
-        losses = self.loss(logits, deltas, sizes, image_sizes, targets)
-        return losses, self.proposals(logits, deltas, sizes, image_sizes)
+        anchors = self._anchors(sizes, logits[0].device, input_size)
+        losses = self.loss(logits, deltas, sizes, image_sizes, targets, anchors)
+        return losses, self.proposals(logits, deltas, anchors, image_sizes)
 
-    def predict(self, feats: Features, image_sizes: list[tuple[int, int]]) -> list[Tensor]:
+    def predict(
+        self,
+        feats: Features,
+        image_sizes: list[tuple[int, int]],
+        input_size: tuple[int, int] | None = None,
+    ) -> list[Tensor]:
         """Inference: ``(P, 4)`` proposals per image."""
         logits, deltas = self(feats)
-        return self.proposals(logits, deltas, self.level_sizes(feats), image_sizes)
+        anchors = self._anchors(self.level_sizes(feats), logits[0].device, input_size)
+        return self.proposals(logits, deltas, anchors, image_sizes)
+
+    def _anchors(
+        self, sizes: list[tuple[int, int]], device: torch.device, input_size: tuple[int, int] | None
+    ) -> list[Tensor]:
+        if self.cfg.anchor_strides == "input" and input_size is None:
+            raise ValueError("rpn.anchor_strides='input' needs the padded input size")
+        by_input = input_size if self.cfg.anchor_strides == "input" else None
+        return self.anchors.grid_anchors(sizes, device, by_input)
 
     def level_sizes(self, feats: Features) -> list[tuple[int, int]]:
         return [tuple(feats[name].shape[-2:]) for name in self.levels]  # type: ignore[misc]
@@ -127,9 +169,10 @@ class RPNHead(nn.Module):
         sizes: list[tuple[int, int]],
         image_sizes: list[tuple[int, int]],
         targets: list[InstanceTargets],
+        level_anchors: list[Tensor],
     ) -> dict[str, Tensor]:
         device = logits[0].device
-        anchors = torch.cat(self.anchors.grid_anchors(sizes, device))
+        anchors = torch.cat(level_anchors)
         all_logits = torch.cat(logits, 1)
         all_deltas = torch.cat(deltas, 1)
         cls_losses, reg_losses, num_samples = [], [], 0
@@ -166,16 +209,15 @@ class RPNHead(nn.Module):
         self,
         logits: list[Tensor],
         deltas: list[Tensor],
-        sizes: list[tuple[int, int]],
+        anchors: list[Tensor],
         image_sizes: list[tuple[int, int]],
     ) -> list[Tensor]:
-        """``(P, 4)`` proposals per image, sorted by decreasing objectness."""
+        """``(P, 4)`` proposals per image from the per-level ``anchors``, sorted by
+        decreasing objectness."""
         nms_pre = self.cfg.train_nms_pre if self.training else self.cfg.test_nms_pre
         max_per_image = (
             self.cfg.train_max_per_image if self.training else self.cfg.test_max_per_image
         )
-        device = logits[0].device
-        anchors = self.anchors.grid_anchors(sizes, device)
         results = []
         for i, image_size in enumerate(image_sizes):
             boxes, scores, levels = [], [], []
@@ -183,7 +225,12 @@ class RPNHead(nn.Module):
                 score = level_logits[i].sigmoid()
                 top = score.topk(min(nms_pre, score.numel())).indices
                 boxes.append(
-                    decode_deltas(anchors[level][top], level_deltas[i, top], max_shape=image_size)
+                    decode_deltas(
+                        anchors[level][top],
+                        level_deltas[i, top],
+                        max_shape=image_size,
+                        clip=self.cfg.delta_clip,
+                    )
                 )
                 scores.append(score[top])
                 levels.append(torch.full_like(top, level))

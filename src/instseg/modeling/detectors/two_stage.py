@@ -64,12 +64,14 @@ class TwoStageDetector(PyramidDetector):
         """Training losses for a batch; ``context`` reaches the RoI head's mask head (IFR's
         phase switch)."""
         feats = self.features(images)
-        losses, proposals = self.rpn_head.loss_and_proposals(feats, images.image_sizes, targets)
+        losses, proposals = self.rpn_head.loss_and_proposals(
+            feats, images.image_sizes, targets, images.input_size
+        )
         losses.update(self.roi_head.loss(feats, proposals, targets, images.image_sizes, context))
         return losses
 
     def predict(self, images: ImageBatch, infos: list[ImageInfo] | None = None) -> list[Instances]:
         """Detections per image (original image coordinates when ``infos`` is given)."""
         feats = self.features(images)
-        proposals = self.rpn_head.predict(feats, images.image_sizes)
+        proposals = self.rpn_head.predict(feats, images.image_sizes, images.input_size)
         return self.roi_head.predict(feats, proposals, images.image_sizes, infos)

@@ -36,7 +36,7 @@ from ..features import Features, FeatureSpec
 from .extractor import RoIExtractorChoice, RoIExtractorConfig, build_roi_extractor
 from .heads import BoxHeadConfig, FCNMaskHeadConfig, Shared2FCBoxHead, select_class
 from .sampling import SampledRoIs, boxes_to_rois, label_rois, sample_rois
-from .standard import MaskHeadChoice, detect
+from .standard import MaskHeadChoice, check_detection_settings, detect
 
 CASCADE_STDS = (
     (0.1, 0.1, 0.2, 0.2),
@@ -72,8 +72,11 @@ class CascadeRoIHeadConfig:
     nms_iou: float = 0.5
     max_per_image: int = 100
     mask_thr: float = 0.5
+    min_box_size: float = 0.0
+    mask_paste: str = "grid_sample"
 
     def __post_init__(self) -> None:
+        check_detection_settings(self)
         key = "roi_head"
         n = len(self.stage_ious)
         if n == 0:
@@ -99,8 +102,6 @@ class CascadeRoIHeadConfig:
                 )
         if self.stage_gradient_scale <= 0:
             raise ValueError(f"{key}.stage_gradient_scale must be positive")
-        if self.max_per_image <= 0:
-            raise ValueError(f"{key}.max_per_image must be positive, got {self.max_per_image}")
 
     @property
     def num_stages(self) -> int:

@@ -3,8 +3,10 @@ and the choice between it and GRoIE (:mod:`.groie`, spec §2).
 
 The single-level extractor pools each RoI from one FPN level chosen by its size:
 ``level = floor(log2(sqrt(w * h) / finest_scale + 1e-6))`` clamped to the available levels,
-so sides below 112 px go to P2, [112, 224) to P3, [224, 448) to P4 and larger to P5. The RoI
-operation is selectable in both: RoIAlign (torchvision semantics) or Precise RoI Pooling.
+so sides below 112 px go to P2, [112, 224) to P3, [224, 448) to P4 and larger to P5
+(torchvision's ``LevelMapper`` adds the 1e-6 after the log instead: ``level_mapping=
+"torchvision"``). The RoI operation is selectable in both: RoIAlign (torchvision
+semantics) or Precise RoI Pooling.
 """
 
 from __future__ import annotations
@@ -27,19 +29,35 @@ class RoIExtractorConfig(RoIPoolingConfig):
 
     kind: Literal["single"] = "single"
     finest_scale: float = 56.0
+    level_mapping: str = "mmdet"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.level_mapping not in LEVEL_MAPPINGS:
+            raise ValueError(
+                f"roi extractor level_mapping must be one of {LEVEL_MAPPINGS}, got "
+                f"{self.level_mapping!r}"
+            )
 
     def build(self, in_specs: list[FeatureSpec], output_size: int) -> SingleRoIExtractor:
         return SingleRoIExtractor(self, in_specs, output_size)
 
 
+LEVEL_MAPPINGS = ("mmdet", "torchvision")
 RoIExtractorChoice = RoIExtractorConfig | GRoIEConfig
 """An extractor config: ``kind`` "single" or "generic" (GRoIE)."""
 
 
-def map_roi_levels(rois: Tensor, num_levels: int, finest_scale: float = 56.0) -> Tensor:
-    """FPN level index of each ``(K, 5)`` RoI (spec §1.2)."""
+def map_roi_levels(
+    rois: Tensor, num_levels: int, finest_scale: float = 56.0, mapping: str = "mmdet"
+) -> Tensor:
+    """FPN level index of each ``(K, 5)`` RoI (spec §1.2; "torchvision": §13.6)."""
     scale = ((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])).clamp(min=0).sqrt()
-    return torch.floor(torch.log2(scale / finest_scale + 1e-6)).clamp(0, num_levels - 1).long()
+    if mapping == "torchvision":  # its float32 steps: canonical level 4 at 224 px, P2 first
+        level = torch.floor(4 + torch.log2(scale / (4 * finest_scale)) + 1e-6) - 2
+    else:
+        level = torch.floor(torch.log2(scale / finest_scale + 1e-6))
+    return level.clamp(0, num_levels - 1).long()
 
 
 class SingleRoIExtractor(nn.Module):
@@ -72,7 +90,7 @@ class SingleRoIExtractor(nn.Module):
             size = self.output_size
             return maps[0].new_zeros((0, maps[0].shape[1], size, size))
         # Pool each level's RoIs in level order, then put the rows back in RoI order.
-        target = map_roi_levels(rois, levels, self.cfg.finest_scale)
+        target = map_roi_levels(rois, levels, self.cfg.finest_scale, self.cfg.level_mapping)
         order = torch.argsort(target, stable=True)
         counts = torch.bincount(target, minlength=levels).tolist()
         parts = [

@@ -41,7 +41,7 @@ from ..global_batch import binary_cross_entropy, random_subset, syncing
 from .extractor import RoIExtractorChoice, RoIExtractorConfig, build_roi_extractor
 from .heads import BoxHeadConfig, Shared2FCBoxHead
 from .sampling import boxes_to_rois, sample_rois
-from .standard import detect
+from .standard import check_detection_settings, detect
 
 GRID_SIZE = 3
 GRID_POINTS = GRID_SIZE * GRID_SIZE
@@ -273,14 +273,15 @@ class GridRoIHeadConfig:
     nms_iou: float = 0.3
     max_per_image: int = 100
     mask_thr: float = 0.5  # unused: Grid R-CNN predicts no masks
+    min_box_size: float = 0.0
+    mask_paste: str = "grid_sample"  # unused
 
     mask_head = None  # box-only: the detector has no masks
 
     def __post_init__(self) -> None:
         if self.box_head.with_reg:
             raise ValueError("roi_head.box_head.with_reg must be false for Grid R-CNN")
-        if self.max_per_image <= 0:
-            raise ValueError(f"roi_head.max_per_image must be positive, got {self.max_per_image}")
+        check_detection_settings(self)
 
     def build(self, in_specs: list[FeatureSpec], num_classes: int) -> GridRoIHead:
         return GridRoIHead(self, in_specs, num_classes)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ...layers import WEIGHT_INITS, init_weight
 from ...ops import decode_deltas, encode_deltas
+from ...ops.boxes import DELTA_CLIPS
 from ...structures import InstanceTargets, TrainingContext
 from ..features import Features, FeatureSpec
 from ..global_batch import binary_cross_entropy, cross_entropy, empty_loss, normaliser
@@ -32,7 +33,8 @@ class BoxHeadConfig:
     ``with_reg=False`` not at all (Grid R-CNN: no ``fc_reg``, no box loss);
     ``loss_bbox_beta`` is the smooth-L1 beta of the box loss (0: L1, the Mask R-CNN 3.x and
     detectron2 recipes; 1.0: mmdet's Cascade R-CNN); ``fc_init`` initialises the shared FCs
-    ("xavier_uniform": mmdet, "c2_xavier": detectron2)."""
+    ("xavier_uniform": mmdet, "c2_xavier": detectron2); ``delta_clip`` "upper" clamps only
+    large ``dw, dh`` when decoding (torchvision's ``BoxCoder``; mmdet: "symmetric")."""
 
     roi_size: int = 7
     fc_channels: int = 1024
@@ -45,8 +47,13 @@ class BoxHeadConfig:
     loss_bbox_weight: float = 1.0
     loss_bbox_beta: float = 0.0
     fc_init: str = "xavier_uniform"
+    delta_clip: str = "symmetric"
 
     def __post_init__(self) -> None:
+        if self.delta_clip not in DELTA_CLIPS:
+            raise ValueError(
+                f"box_head.delta_clip must be one of {DELTA_CLIPS}, got {self.delta_clip!r}"
+            )
         if self.fc_init not in WEIGHT_INITS:
             raise ValueError(
                 f"box_head.fc_init must be one of {WEIGHT_INITS}, got {self.fc_init!r}"
@@ -122,6 +129,7 @@ class Shared2FCBoxHead(nn.Module):
             cfg.target_means,
             cfg.target_stds,
             max_shape=image_size,
+            clip=cfg.delta_clip,
         )
         return decoded.expand(-1, self.num_classes, 4)
 

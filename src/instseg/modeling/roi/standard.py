@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...ops.masks import PASTE_MODES
 from ...structures import ImageInfo, Instances, InstanceTargets, TrainingContext
 from ..anchors import AssignerConfig, SamplerConfig
 from ..features import Features, FeatureSpec
@@ -52,10 +53,11 @@ class RoIHeadConfig:
     nms_iou: float = 0.5
     max_per_image: int = 100
     mask_thr: float = 0.5
+    min_box_size: float = 0.0
+    mask_paste: str = "grid_sample"
 
     def __post_init__(self) -> None:
-        if self.max_per_image <= 0:
-            raise ValueError(f"roi_head.max_per_image must be positive, got {self.max_per_image}")
+        check_detection_settings(self)
 
     def build(self, in_specs: list[FeatureSpec], num_classes: int) -> StandardRoIHead:
         return StandardRoIHead(self, in_specs, num_classes)
@@ -149,7 +151,7 @@ def detect(
     then, with ``mask_probs(rois, labels)`` (the mask head's ``(K, M, M)`` probabilities of
     RoIs in the network input frame), masks pasted into each detection's final box."""
     results = [
-        multiclass_nms(b, s, cfg.score_thr, cfg.nms_iou, cfg.max_per_image)
+        multiclass_nms(b, s, cfg.score_thr, cfg.nms_iou, cfg.max_per_image, cfg.min_box_size)
         for b, s in zip(boxes, scores, strict=True)
     ]
     if refine is not None:
@@ -162,14 +164,31 @@ def detect(
         labels = torch.cat([r.labels for r in results])
         probs = mask_probs(rois, labels) if rois.shape[0] else None
         out_sizes = [i.original_size for i in infos] if infos is not None else image_sizes
-        paste_masks(results, probs, out_sizes, cfg.mask_thr, rois.device)
+        paste_masks(results, probs, out_sizes, cfg.mask_thr, rois.device, cfg.mask_paste)
     return results
 
 
 class DetectionSettings(Protocol):
-    """The test-time fields every RoI head config has."""
+    """The test-time fields every RoI head config has. ``min_box_size`` drops detections
+    narrower or lower than it before NMS (torchvision: 1e-2; 0: none); ``mask_paste`` is
+    how masks are pasted (:data:`instseg.ops.masks.PASTE_MODES`: mmdet's "grid_sample" or
+    "torchvision")."""
 
     score_thr: float
     nms_iou: float
     max_per_image: int
     mask_thr: float
+    min_box_size: float
+    mask_paste: str
+
+
+def check_detection_settings(cfg: DetectionSettings) -> None:
+    """Errors naming the bad ``roi_head`` test-time field."""
+    if cfg.max_per_image <= 0:
+        raise ValueError(f"roi_head.max_per_image must be positive, got {cfg.max_per_image}")
+    if cfg.min_box_size < 0:
+        raise ValueError(f"roi_head.min_box_size must be >= 0, got {cfg.min_box_size}")
+    if cfg.mask_paste not in PASTE_MODES:
+        raise ValueError(
+            f"roi_head.mask_paste must be one of {PASTE_MODES}, got {cfg.mask_paste!r}"
+        )
