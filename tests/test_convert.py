@@ -318,12 +318,15 @@ def test_the_command_lines_formats_are_the_converters():
 # ------------------------------------------------------------------ detectron2 / cvpods
 
 
-def _detectron2_ifr_model(cascade: bool) -> list[tuple[str, str | None, tuple[int, ...]]]:
+def _detectron2_ifr_model(
+    cascade: bool, weight_sharing: bool = False
+) -> list[tuple[str, str | None, tuple[int, ...]]]:
     """``(detectron2 name, our name or None if dropped, shape)`` of cvpods' IFR R-50-FPN
     models, written out from the module definitions (spec §13.7; detectron2's
     ``build_resnet_fpn_backbone`` with FrozenBN, ``StandardRPNHead``, ``FastRCNNConvFCHead``
     with two fcs, ``FastRCNNOutputLayers`` per cascade stage, IFR's mask head with its block
-    registered four times) beside the names our modules have."""
+    registered four times, or the weight-sharing head's one plain block) beside the names
+    our modules have."""
     entries: list[tuple[str, str | None, tuple[int, ...]]] = []
 
     def norm(d2: str, ours: str, channels: int) -> None:
@@ -368,21 +371,28 @@ def _detectron2_ifr_model(cascade: bool) -> list[tuple[str, str | None, tuple[in
         deltas = 4 if cascade else 320  # cascade stages regress class-agnostic boxes
         conv(f"roi_heads.box_predictor.{d2}bbox_pred", f"{ours}fc_reg", (deltas, 1024))
     head = "roi_heads.mask_head"
-    for registered in ("repeat_block", "deq.func"):  # one module, two paths
-        kept = registered == "repeat_block"
+    if weight_sharing:  # the block unrolled: plain convs, registered once
         for i in (1, 2):
-            name = f"{head}.{registered}.conv{i}"
-            ours = f"roi_head.mask_head.repeat_block.conv{i}" if kept else None
-            entries.append((f"{name}.weight_g", ours and f"{ours}.weight_g", (256, 1, 1, 1)))
-            entries.append((f"{name}.weight_v", ours and f"{ours}.weight_v", (256, 256, 3, 3)))
+            ours = f"roi_head.mask_head.repeat_block.conv{i}"
+            conv(f"{head}.repeat_block.conv{i}", ours, (256, 256, 3, 3), bias=False)
         for i in (1, 2, 3):
-            ours = f"roi_head.mask_head.repeat_block.gn{i}" if kept else None
-            conv(f"{head}.{registered}.gn{i}", ours, (256,))
-    for copy in ("repeat_block_copy", "deq.func_copy"):  # the copy for the backward solve
-        for i in (1, 2):
-            conv(f"{head}.{copy}.conv{i}", None, (256, 256, 3, 3), bias=False)
-        for i in (1, 2, 3):
-            conv(f"{head}.{copy}.gn{i}", None, (256,))
+            conv(f"{head}.repeat_block.gn{i}", f"roi_head.mask_head.repeat_block.gn{i}", (256,))
+    else:
+        for registered in ("repeat_block", "deq.func"):  # one module, two paths
+            kept = registered == "repeat_block"
+            for i in (1, 2):
+                name = f"{head}.{registered}.conv{i}"
+                ours = f"roi_head.mask_head.repeat_block.conv{i}" if kept else None
+                entries.append((f"{name}.weight_g", ours and f"{ours}.weight_g", (256, 1, 1, 1)))
+                entries.append((f"{name}.weight_v", ours and f"{ours}.weight_v", (256, 256, 3, 3)))
+            for i in (1, 2, 3):
+                ours = f"roi_head.mask_head.repeat_block.gn{i}" if kept else None
+                conv(f"{head}.{registered}.gn{i}", ours, (256,))
+        for copy in ("repeat_block_copy", "deq.func_copy"):  # the copy for the backward solve
+            for i in (1, 2):
+                conv(f"{head}.{copy}.conv{i}", None, (256, 256, 3, 3), bias=False)
+            for i in (1, 2, 3):
+                conv(f"{head}.{copy}.gn{i}", None, (256,))
     conv(f"{head}.deconv", "roi_head.mask_head.deconv", (256, 256, 2, 2))
     conv(f"{head}.predictor", "roi_head.mask_head.predictor", (80, 256, 1, 1))
     entries.append(("pixel_mean", None, (3, 1, 1)))
@@ -395,6 +405,7 @@ def _detectron2_ifr_model(cascade: bool) -> list[tuple[str, str | None, tuple[in
     [
         ("mask_rcnn.ifr.res50.fpn.coco.multiscale.1x", False, "pkl"),
         ("cascade_rcnn.ifr.res50.fpn.coco.800size.1x", True, "pth"),
+        ("mask_rcnn.res50.fpn.coco.multiscale.weight_sharing.1x", False, "pth"),
     ],
 )
 def test_cvpods_ifr_checkpoints_convert_name_for_name(config, cascade, container, tmp_path):
@@ -403,7 +414,7 @@ def test_cvpods_ifr_checkpoints_convert_name_for_name(config, cascade, container
     are dropped and recorded."""
     import pickle
 
-    entries = _detectron2_ifr_model(cascade)
+    entries = _detectron2_ifr_model(cascade, weight_sharing="weight_sharing" in config)
     generator = torch.Generator().manual_seed(0)
     source = {d2: torch.randn(shape, generator=generator) for d2, _, shape in entries}
     path = tmp_path / f"model_final.{container}"
