@@ -47,12 +47,14 @@ def test_every_first_format_zoo_config_upgrades_to_todays():
     the refactor. Each upgrades to exactly today's config of the same name."""
     old = json.loads((FIXTURES / "configs_v1.json").read_text())
     # Every config that existed then; the one-stage detectors, the cascades, IFR's
-    # detectron2/cvpods recipes, Grid R-CNN and the LVIS/Cityscapes recipes came later.
+    # detectron2/cvpods recipes, Grid R-CNN, the LVIS/Cityscapes and torchvision recipes came
+    # later.
     two_stage = {n for n in ZOO if get_config(n).model.kind == "two_stage"}
     later = {n for n in two_stage if n.startswith(("cascade", "grid")) or "ifr" in n}
     later |= {n for n in two_stage if ".res50." in n}
     later |= {n for n in two_stage if n.endswith(("_lvis_v1", "_cityscapes"))}
-    assert len(later) == 18
+    later |= {n for n in two_stage if n.startswith("torchvision_")}
+    assert len(later) == 20
     assert set(old) == two_stage - later
     for name, data in old.items():
         assert "kind" not in data["model"]
