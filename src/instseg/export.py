@@ -42,8 +42,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .modeling.condinst import aligned_bilinear
+from .modeling.roi.extractor import map_roi_levels
 from .ops import nms as _nms
 from .ops import roi_align as _roi_align
+from .ops.masks import _interpolation_matrix
 from .structures import ImageBatch, ImageInfo
 
 OPSET = 18
@@ -300,19 +302,14 @@ class _LevelRoIAlign(_PoolLevels):
     def __init__(self, extractor: nn.Module) -> None:
         super().__init__(extractor)
         self.finest_scale = float(extractor.cfg.finest_scale)
-        self.mapping = getattr(extractor.cfg, "level_mapping", "mmdet")
+        self.mapping = extractor.cfg.level_mapping
 
     def forward(self, feats: dict[str, Tensor], boxes: Tensor) -> Tensor:
         pooled = self.pool(feats, boxes)
         if len(pooled) == 1:
             return pooled[0]
-        # map_roi_levels: mmdet's rule or torchvision's LevelMapper.
-        scale = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=0).sqrt()
-        if self.mapping == "torchvision":
-            level = torch.floor(4 + torch.log2(scale / (4 * self.finest_scale)) + 1e-6) - 2
-        else:
-            level = torch.floor(torch.log2(scale / self.finest_scale + 1e-6))
-        level = level.clamp(0, len(pooled) - 1)
+        rois = F.pad(boxes, (1, 0))  # the extractor's (K, 5) form; the batch index is unused
+        level = map_roi_levels(rois, len(pooled), self.finest_scale, self.mapping)
         out = pooled[0]
         for i in range(1, len(pooled)):
             out = torch.where((level == i)[:, None, None, None], pooled[i], out)
@@ -327,8 +324,8 @@ class _RPN(nn.Module):
     def __init__(self, rpn_head: nn.Module) -> None:
         super().__init__()
         cfg = rpn_head.cfg
-        self.by_input = getattr(cfg, "anchor_strides", "neck") == "input"
-        self.delta_clip = getattr(cfg, "delta_clip", "symmetric")
+        self.by_input = cfg.anchor_strides == "input"
+        self.delta_clip = cfg.delta_clip
         self.head = rpn_head
         self.nms_pre = cfg.test_nms_pre
         self.max_per_image = cfg.test_max_per_image
@@ -372,7 +369,7 @@ def _multiclass_nms(boxes: Tensor, scores: Tensor, settings) -> tuple[Tensor, Te
     (classes as the NMS batch, so each class has its own boxes)."""
     c = scores.shape[1]
     nms_scores = scores
-    min_size = getattr(settings, "min_box_size", 0.0)
+    min_size = settings.min_box_size
     if min_size > 0:
         big = (boxes[..., 2] - boxes[..., 0] >= min_size) & (
             boxes[..., 3] - boxes[..., 1] >= min_size
@@ -394,27 +391,15 @@ def _select_class(per_class: Tensor, labels: Tensor) -> Tensor:
     return per_class.gather(1, index)[:, 0]
 
 
-def _interpolation_matrix(lo: Tensor, hi: Tensor, length: int, mask_size: int) -> Tensor:
-    """``(N, length, mask_size)`` weights of ``grid_sample(align_corners=False)`` sampling a
-    mask spanning ``[lo, hi]`` at the pixel centres ``0.5 .. length - 0.5`` (mmdet's paste)."""
-    centres = torch.arange(length, device=lo.device, dtype=lo.dtype) + 0.5
-    g = (centres[None, :] - lo[:, None]) / (hi - lo)[:, None] * 2 - 1
-    g = torch.where(torch.isfinite(g), g, torch.zeros_like(g))
-    source = ((g + 1) * mask_size - 1) / 2
-    left = torch.floor(source)
-    frac = source - left
-    cells = torch.arange(mask_size, device=lo.device, dtype=lo.dtype)
-    offset = cells - left[..., None]
-    return (offset == 0) * (1 - frac)[..., None] + (offset == 1) * frac[..., None]
-
-
 def paste_probabilities(probs: Tensor, boxes: Tensor, height: int, width: int) -> Tensor:
     """``(N, M, M)`` RoI probabilities pasted into their ``(N, 4)`` boxes of an image:
     ``(N, height, width)`` probabilities (mmdet ``_do_paste_mask``, bilinear,
     ``align_corners=False``, zero outside), as two thin matrix products per mask."""
     m = probs.shape[-1]
-    wy = _interpolation_matrix(boxes[:, 1], boxes[:, 3], height, m)
-    wx = _interpolation_matrix(boxes[:, 0], boxes[:, 2], width, m)
+    rows = torch.arange(height, device=boxes.device, dtype=boxes.dtype)[None] + 0.5
+    cols = torch.arange(width, device=boxes.device, dtype=boxes.dtype)[None] + 0.5
+    wy = _interpolation_matrix(rows, boxes[:, 1], boxes[:, 3], m)
+    wx = _interpolation_matrix(cols, boxes[:, 0], boxes[:, 2], m)
     return torch.bmm(torch.bmm(wy, probs), wx.transpose(1, 2))
 
 
@@ -439,7 +424,7 @@ class _TwoStageGraph(nn.Module):
         kind = getattr(roi_head.cfg, "kind", "standard")
         _check(kind in ("standard", "cascade"), f"the {kind!r} RoI head cannot be exported")
         _check(
-            not pasted or getattr(roi_head.cfg, "mask_paste", "grid_sample") == "grid_sample",
+            not pasted or roi_head.cfg.mask_paste == "grid_sample",
             "roi_head.mask_paste='torchvision' cannot be exported pasted (export the RoI masks)",
         )
         self.cascade = kind == "cascade"
@@ -530,7 +515,7 @@ class _TwoStageGraph(nn.Module):
             cfg.target_means,
             cfg.target_stds,
             limits,
-            getattr(cfg, "delta_clip", "symmetric"),
+            cfg.delta_clip,
         )
         return decoded.expand(-1, head.num_classes, 4)
 
@@ -866,7 +851,7 @@ def network_input(image: np.ndarray, cfg) -> tuple[np.ndarray, tuple[float, floa
     from .data.transforms import rescaled_size, resize_image
 
     height, width = image.shape[:2]
-    rounding = getattr(cfg.data, "size_rounding", "round")
+    rounding = cfg.data.size_rounding
     new_h, new_w = rescaled_size(height, width, cfg.data.test_scale, rounding)
     tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
     return resize_image(tensor, (new_h, new_w)).numpy(), (new_h / height, new_w / width)
