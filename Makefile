@@ -11,7 +11,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned: a range would take the newest (CUDA, multi-GB) build.
 	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	# The tf extra too, so that the tests of instseg.tf run.
+	$(PY) -m pip install --quiet -e ".[dev,tf]"
 	touch $(STAMP)
 
 demo: $(STAMP)
