@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .configs import ExperimentConfig, config_from_dict, to_dict
@@ -24,6 +25,7 @@ from .engine.distributed import barrier, gather_to_main, is_main_process, rank_a
 from .engine.inference import evaluate_model
 from .evaluation import format_table, instances_to_coco_results, write_json, write_results
 from .modeling.detectors import Detector
+from .structures import Instances
 from .visualize import draw_instances
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -270,6 +272,24 @@ def list_images(inputs: list[str | Path]) -> list[Path]:
 
 
 @torch.no_grad()
+def predict_image(
+    model: Detector,
+    cfg: ExperimentConfig,
+    transform: DetectionTransform,
+    image: np.ndarray,
+    image_id: int,
+    file_name: str,
+) -> Instances:
+    """One ``(H, W, 3)`` uint8 RGB image through the test transform and ``model`` (on its
+    device): detections in original image coordinates, on the CPU. What ``instseg predict``
+    and ``instseg serve`` run per image."""
+    device = next(model.parameters()).device
+    tensor, info = transform.prepare_image(image, image_id, file_name)
+    batch = pad_images([tensor], cfg.train.size_divisor).to(device)
+    return model.predict(batch, [info])[0].to("cpu")
+
+
+@torch.no_grad()
 def run_predict(
     weights: str | Path,
     inputs: list[str | Path],
@@ -296,9 +316,7 @@ def run_predict(
     numbered = list(enumerate(list_images(inputs), start=1))
     for image_id, path in shard(numbered, rank, world):
         image = read_image(path)
-        tensor, info = transform.prepare_image(image, image_id, str(path))
-        batch = pad_images([tensor], trained.cfg.train.size_divisor).to(device)
-        detections = model.predict(batch, [info])[0].to("cpu")
+        detections = predict_image(model, trained.cfg, transform, image, image_id, str(path))
         kept = detections[(detections.scores >= score_thr).nonzero().flatten()]
         results += instances_to_coco_results(kept, image_id, category_ids)
         images_index.append(

@@ -23,9 +23,10 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -193,35 +194,56 @@ def parse_coco(
     return categories, list(records.values()), skipped
 
 
-def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
-    eight_bit = np.clip(gray, 0, 255).round().astype(np.uint8)
-    return np.repeat(eight_bit[..., None], 3, axis=2)
-
-
-def read_image(path: Path, expected_size: tuple[int, int] | None = None) -> np.ndarray:
-    """Decode an image file to an ``(H, W, 3)`` uint8 RGB array.
+def decode_image(
+    source: Path | BinaryIO,
+    name: str,
+    max_pixels: int | None = None,
+    formats: Collection[str] | None = None,
+) -> np.ndarray:
+    """Decode an image file or file object to an ``(H, W, 3)`` uint8 RGB array.
 
     16-bit and float images are scaled to 8 bits by their type's range; alpha is dropped.
+    ``max_pixels`` and ``formats`` (Pillow format names, e.g. ``"PNG"``) are checked from the
+    header, before the pixels are decoded. Errors are ``DataError``s that name ``name``.
     """
-    if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
+            if formats is not None and im.format not in formats:
+                raise DataError(
+                    f"{name}: {im.format} images are not accepted (accepted: "
+                    f"{', '.join(sorted(formats))})"
+                )
+            if max_pixels is not None and im.width * im.height > max_pixels:
+                raise DataError(
+                    f"{name} is {im.width}x{im.height} = {im.width * im.height} pixels, more "
+                    f"than the limit of {max_pixels}"
+                )
             im.load()
             if im.mode.startswith("I;16") or im.mode == "I":
                 # 16-bit data; a 32-bit "I" image whose values fit 8 bits is taken as 8-bit.
                 gray = np.asarray(im).astype(np.float64)
                 if im.mode != "I" or gray.max() > 255:
                     gray = gray / 257.0
-                rgb = _gray_to_rgb(gray)
-            elif im.mode == "F":
+                return _gray_to_rgb(gray)
+            if im.mode == "F":
                 gray = np.asarray(im).astype(np.float64)
                 peak = float(gray.max())
-                rgb = _gray_to_rgb(gray * 255.0 / (peak if peak > 1.0 else 1.0))
-            else:
-                rgb = np.array(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise DataError(f"corrupt or unreadable image {path}: {exc}") from exc
+                return _gray_to_rgb(gray * 255.0 / (peak if peak > 1.0 else 1.0))
+            return np.array(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"corrupt or unreadable image {name}: {exc}") from exc
+
+
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    eight_bit = np.clip(gray, 0, 255).round().astype(np.uint8)
+    return np.repeat(eight_bit[..., None], 3, axis=2)
+
+
+def read_image(path: Path, expected_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode an image file to an ``(H, W, 3)`` uint8 RGB array (see :func:`decode_image`)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    rgb = decode_image(path, str(path))
     if expected_size is not None and rgb.shape[:2] != tuple(expected_size):
         raise DataError(
             f"image {path} is {rgb.shape[0]}x{rgb.shape[1]} but the json says "

@@ -267,7 +267,7 @@ def check_result_fields(
                 )
 
 
-def _check_results(results: list[dict[str, Any]], gt: COCO, iou_types: Sequence[str]) -> None:
+def check_results(results: list[dict[str, Any]], gt: COCO, iou_types: Sequence[str]) -> None:
     """:func:`check_result_fields`, and every category must be a ground-truth category."""
     check_result_fields(results, gt.imgs, iou_types)
     unknown_cats = {r["category_id"] for r in results} - set(gt.getCatIds())
@@ -430,7 +430,7 @@ def evaluate_coco(
         unknown = set(image_ids) - set(coco_gt.getImgIds())
         if unknown:
             raise ValueError(f"image_ids not in the ground truth: {_preview(unknown)}")
-    _check_results(results, coco_gt, iou_types)
+    check_results(results, coco_gt, iou_types)
     if image_ids is not None:
         keep = set(image_ids)
         results = [r for r in results if r["image_id"] in keep]
