@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .configs import (
@@ -156,6 +157,41 @@ def _export(args: argparse.Namespace) -> int:
         print(f"export: error: {args.out} differs from PyTorch (above)", file=sys.stderr)
         return 1
     print(f"wrote {args.out}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        import python_multipart  # noqa: F401 - Starlette's form parser
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise FileNotFoundError(
+            f"instseg serve needs starlette, uvicorn and python-multipart ({exc}): "
+            "pip install 'instseg[serve]'"
+        ) from exc
+    from .serve import UploadLimits, build_app, resolve_sources, serve
+
+    sources = resolve_sources(args.checkpoint, args.work_dir, args.ann, args.results, args.images)
+    cfg = None
+    if sources.checkpoint is not None and (args.config is not None or args.set):
+        cfg = trained_config(args.config, args.set, str(sources.checkpoint))
+    limits = UploadLimits()
+    if args.max_upload_mb is not None:
+        limits = replace(limits, max_bytes=int(args.max_upload_mb * 1024 * 1024))
+    if args.max_pixels is not None:
+        limits = replace(limits, max_pixels=args.max_pixels)
+    if limits.max_bytes <= 0 or limits.max_pixels <= 0:
+        raise ConfigError("--max-upload-mb and --max-pixels must be positive")
+    app = build_app(sources, cfg, limits, args.min_score, args.device)
+    pages = []
+    if sources.checkpoint is not None:
+        pages.append(f"predict (model {sources.checkpoint})")
+    if sources.results is not None:
+        pages.append(f"evaluation ({sources.results} against {sources.ann})")
+    print(f"instseg serve: {'; '.join(pages)}")
+    print(f"open http://{args.host}:{args.port}/ (Ctrl+C stops)")
+    serve(app, args.host, args.port)
     return 0
 
 
@@ -393,6 +429,56 @@ def build_parser() -> argparse.ArgumentParser:
         help="minimum score (default: %(default)s)",
     )
     predict.set_defaults(func=_predict)
+
+    serve = sub.add_parser(
+        "serve",
+        help="a web page to try a model and to look at an evaluation",
+        description="Start a local web server: the predict page (upload an image, see its "
+        "masks, boxes and scores, threshold them, download the COCO results) needs a "
+        "checkpoint; the evaluation page (metrics, AP per category, precision-recall curves, "
+        "images sorted by errors) needs a ground truth and results. --work-dir takes all of "
+        "them from a training run: model_final.safetensors, results.json, metrics.json and "
+        "the validation data named in config.json. The JSON API behind the pages is in the "
+        "README.",
+    )
+    serve.add_argument(
+        "config", nargs="?", metavar="CONFIG", help=f"{CONFIG_HELP} ({STORED_CONFIG})"
+    )
+    serve.add_argument("--checkpoint", metavar="PATH", help="a .safetensors weights file")
+    serve.add_argument("--work-dir", metavar="RUN_DIR", help="a finished training run's folder")
+    serve.add_argument("--ann", help="COCO-format ground truth of the evaluation page")
+    serve.add_argument("--results", help="COCO-format results json of the evaluation page")
+    serve.add_argument("--images", help="folder of the ground truth's images")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: %(default)s, this machine only; anything else is "
+        "reachable by others, without authentication)",
+    )
+    serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    serve.add_argument(
+        "--min-score",
+        type=float,
+        default=0.0,
+        metavar="T",
+        help="lowest score sent to the page; the page's slider starts at 0.3 "
+        "(default: %(default)s, every detection the model keeps)",
+    )
+    serve.add_argument(
+        "--max-upload-mb",
+        type=float,
+        metavar="MB",
+        help="largest upload in MiB (default: 20)",
+    )
+    serve.add_argument(
+        "--max-pixels",
+        type=int,
+        metavar="N",
+        help="largest upload in pixels, width x height (default: 40000000)",
+    )
+    serve.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    _set_option(serve)
+    serve.set_defaults(func=_serve)
 
     score = sub.add_parser(
         "score",
