@@ -12,9 +12,9 @@ import time
 import pytest
 
 
-def chromium_driver(width: int = 1280, height: int = 1000):
-    """A headless Chromium through Selenium (a ``width`` x ``height`` window), or a skip that
-    says what is missing."""
+def chromium_driver(width: int = 1280, height: int = 1000, downloads: str | None = None):
+    """A headless Chromium through Selenium (a ``width`` x ``height`` window, files the page
+    downloads saved to ``downloads``), or a skip that says what is missing."""
     pytest.importorskip("selenium", reason="the browser test needs selenium (dev extra)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -28,6 +28,9 @@ def chromium_driver(width: int = 1280, height: int = 1000):
     options = webdriver.ChromeOptions()
     options.binary_location = browser
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    if downloads is not None:
+        prefs = {"download.default_directory": downloads, "download.prompt_for_download": False}
+        options.add_experimental_option("prefs", prefs)
     for flag in (
         "--headless=new",
         "--no-sandbox",

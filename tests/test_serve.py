@@ -122,7 +122,12 @@ def test_bad_uploads_get_a_4xx_with_a_message(run):
     big_file = io.BytesIO()
     Image.fromarray(noise).save(big_file, format="BMP")  # 97 kB, under the pixel limit
     cases = {
-        "text": (_post, (b"this is not an image\n", "notes.png"), 400, "corrupt or unreadable"),
+        "text": (
+            _post,
+            (b"this is not an image\n", "notes.png"),
+            400,
+            "notes.png: not in an image",
+        ),
         "truncated": (_post, (png[: len(png) // 2], "cut.png"), 400, "cut.png"),
         "empty": (_post, (b"", "empty.png"), 400, "empty"),
         "bytes": (_post, (big_file.getvalue(), "big.bmp", "image/bmp"), 413, "too large"),
@@ -419,7 +424,9 @@ def test_the_pages_in_headless_chromium(run, client, tmp_path):
     everything = _post(client, image.read_bytes(), image.name).json()["results"]
     scores = np.array([r["score"] for r in everything])
     pixels = np.asarray(Image.open(image).convert("RGB"))
-    driver = chromium_driver()
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    driver = chromium_driver(downloads=str(downloads))
     try:
         with background_server(build_app(resolve_sources(work_dir=str(run)))) as base:
             wait = WebDriverWait(driver, 60)
@@ -442,6 +449,7 @@ def test_the_pages_in_headless_chromium(run, client, tmp_path):
             driver.find_element(By.ID, "show-boxes").click()
             driver.find_element(By.ID, "show-labels").click()
             split = min(range(101), key=lambda k: abs((scores >= k / 100).sum() - len(scores) / 2))
+            saved, downloaded = downloads / f"{image.stem}_results.json", 0
             for keys in (Keys.HOME, Keys.HOME + Keys.ARROW_RIGHT * split, Keys.END):
                 slider.send_keys(keys)
                 threshold = float(slider.get_attribute("value"))
@@ -452,7 +460,15 @@ def test_the_pages_in_headless_chromium(run, client, tmp_path):
                 np.testing.assert_array_equal(
                     _canvas_rgb(driver, "overlay"), _blend(pixels, kept, colors)
                 )
+                if 0 < len(kept) < len(everything):
+                    # The download button saves exactly the detections shown.
+                    driver.find_element(By.ID, "download").click()
+                    wait.until(lambda d: saved.is_file() and saved.stat().st_size > 0)
+                    assert json.loads(saved.read_text()) == kept
+                    saved.unlink()
+                    downloaded += 1
             assert threshold == 1.0 and float(slider.get_attribute("value")) == 1.0
+            assert downloaded == 1
             assert 0 < len([s for s in scores if s >= split / 100]) < len(scores)
             # A corrupt upload: the server's message on the page, no overlay.
             corrupt = tmp_path / "corrupt.png"
@@ -462,6 +478,24 @@ def test_the_pages_in_headless_chromium(run, client, tmp_path):
             wait.until(lambda d: "corrupt" in message.text)
             assert not overlay.is_displayed()
             assert "corrupt.png" in message.text
+            # Dropping a file on the page predicts it too (a drop event carrying the image of
+            # the evaluation's image 2, fetched by the page itself).
+            slider.send_keys(Keys.HOME)
+            driver.execute_async_script(
+                """const done = arguments[arguments.length - 1];
+                fetch("/api/images/2/file").then((r) => r.blob()).then((blob) => {
+                  const transfer = new DataTransfer();
+                  transfer.items.add(new File([blob], "dropped.png", {type: "image/png"}));
+                  const drop = document.getElementById("drop");
+                  drop.dispatchEvent(new DragEvent("drop", {dataTransfer: transfer}));
+                  done();
+                });"""
+            )
+            wait.until(lambda d: overlay.is_displayed())
+            dropped = Path(client.get("/api/images/2").json()["image"]["file_name"])
+            dropped_bytes = (Path(_image_files(run)[0]).parents[1] / dropped).read_bytes()
+            expected = _post(client, dropped_bytes, "dropped.png").json()["results"]
+            assert int(overlay.get_attribute("data-drawn")) == len(expected) > 0
 
             # The evaluation page: metrics of metrics.json, a row per category, the images
             # in the API's order, ground truth and predictions of the worst image drawn.

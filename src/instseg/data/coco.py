@@ -230,7 +230,11 @@ def decode_image(
                 peak = float(gray.max())
                 return _gray_to_rgb(gray * 255.0 / (peak if peak > 1.0 else 1.0))
             return np.array(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError as exc:
+        raise DataError(
+            f"corrupt or unreadable image {name}: not in an image format Pillow can read"
+        ) from exc
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"corrupt or unreadable image {name}: {exc}") from exc
 
 
