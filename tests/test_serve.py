@@ -291,6 +291,15 @@ def test_per_image_errors_and_pr_curves_on_known_results(tmp_path):
             a["image_id"] for a in gt["annotations"] if a["category_id"] == dropped["category_id"]
         }
         assert {r["id"] for r in only} >= with_category
+        # Per category: the missed object is the dropped one's category's; the spurious
+        # detection counts only under its own category.
+        for cat in (c["id"] for c in gt["categories"]):
+            by_cat = view.image_errors(iou_type, 0.5, cat)
+            assert by_cat[dropped["image_id"]].missed == int(cat == dropped["category_id"])
+            assert by_cat[other].false_positives == int(cat == spurious["category_id"])
+            assert sum(e.num_gt for e in by_cat.values()) == sum(
+                a["category_id"] == cat for a in gt["annotations"]
+            )
     # The mean PR curve at IoU 0.5 equals pycocotools' precision array averaged over classes.
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO(str(ann))
@@ -530,3 +539,17 @@ def test_the_pages_in_headless_chromium(run, client, tmp_path):
         driver.quit()
     for name in ("predict_page.png", "evaluation_page.png"):
         assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
+
+
+def test_serve_without_its_extra_says_what_to_install(monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "uvicorn" else find_spec(name, *a),
+    )
+    assert main(["serve", "--ann", "a.json", "--results", "r.json"]) == 2
+    err = capsys.readouterr().err
+    assert "missing: uvicorn" in err and "pip install 'instseg[serve]'" in err

@@ -124,16 +124,20 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export(args: argparse.Namespace) -> int:
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ImportError as exc:
+def _require_extra(command: str, extra: str, modules: tuple[str, ...]) -> None:
+    """A clear error when a command's optional dependencies are not installed."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
         raise FileNotFoundError(
-            f"instseg export needs onnx, onnxruntime and onnxscript ({exc}): "
-            "pip install 'instseg[onnx]'"
-        ) from exc
+            f"instseg {command} needs {', '.join(modules)} (missing: {', '.join(missing)}): "
+            f"pip install 'instseg[{extra}]'"
+        )
+
+
+def _export(args: argparse.Namespace) -> int:
+    _require_extra("export", "onnx", ("onnx", "onnxruntime", "onnxscript"))
     from .export import ExportError, export_onnx
     from .runner import load_trained
 
@@ -161,15 +165,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    try:
-        import python_multipart  # noqa: F401 - Starlette's form parser
-        import starlette  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as exc:
-        raise FileNotFoundError(
-            f"instseg serve needs starlette, uvicorn and python-multipart ({exc}): "
-            "pip install 'instseg[serve]'"
-        ) from exc
+    _require_extra("serve", "serve", ("starlette", "uvicorn", "python_multipart"))
     from .serve import UploadLimits, build_app, resolve_sources, serve
 
     sources = resolve_sources(args.checkpoint, args.work_dir, args.ann, args.results, args.images)

@@ -5,10 +5,10 @@
 - Per-category AP and precision-recall curves: from the accumulated precision array of the
   COCO evaluation (``[T, R, K, A, M]``, pycocotools' layout; computed by faster-coco-eval as
   the metrics are), area "all", the largest ``maxDets``.
-- Per-image errors at IoU 0.5: pycocotools' own matching (``COCOeval.evaluate`` with one IoU
-  threshold): a missed object is a non-crowd ground truth left unmatched; a false positive is
-  a detection scoring at least the threshold that matches nothing (detections matched to a
-  crowd region are ignored, as COCO ignores them).
+- Per-image errors at IoU 0.5, of all categories or one: pycocotools' own matching
+  (``COCOeval.evaluate`` with one IoU threshold). A missed object is a non-crowd ground
+  truth left unmatched; a false positive is a detection scoring at least the threshold that
+  matches nothing (detections matched to a crowd region are ignored, as COCO ignores them).
 """
 
 from __future__ import annotations
@@ -171,15 +171,19 @@ class EvaluationView:
 
     # ---------------------------------------------------------------------- images
 
-    @functools.lru_cache(maxsize=8)  # noqa: B019 - one view per server, a handful of keys
-    def image_errors(self, iou_type: str, score_thr: float) -> dict[int, ImageErrors]:
+    @functools.lru_cache(maxsize=16)  # noqa: B019 - one view per server, a handful of keys
+    def image_errors(
+        self, iou_type: str, score_thr: float, category: int | None = None
+    ) -> dict[int, ImageErrors]:
         """Per image: ground truth and detections (score >= ``score_thr``), missed objects and
-        false positives at IoU 0.5, all categories."""
+        false positives at IoU 0.5, of one category or (None) all."""
         matches = self._matches(iou_type)
         errors = {}
         for image_id in self.gt.getImgIds():
             num_gt = missed = num_dt = false_positives = 0
             for m in matches.get(image_id, []):
+                if category is not None and m["category_id"] != category:
+                    continue
                 gt_real = ~m["gt_ignore"]
                 num_gt += int(gt_real.sum())
                 missed += int((gt_real & (m["gt_matches"] == 0)).sum())
@@ -211,6 +215,7 @@ class EvaluationView:
                 continue
             matches.setdefault(int(e["image_id"]), []).append(
                 {
+                    "category_id": int(e["category_id"]),
                     "gt_matches": np.asarray(e["gtMatches"][0]),
                     "gt_ignore": np.asarray(e["gtIgnore"], dtype=bool),
                     "dt_matches": np.asarray(e["dtMatches"][0]),
@@ -223,9 +228,9 @@ class EvaluationView:
     def images(
         self, iou_type: str, score_thr: float, category: int | None = None
     ) -> list[dict[str, Any]]:
-        """Images (with that category in ground truth or predictions, when given), most
-        errors first."""
-        errors = self.image_errors(iou_type, score_thr)
+        """Images, most errors first; with a category, the images that have it in ground truth
+        or predictions, with that category's counts and errors."""
+        errors = self.image_errors(iou_type, score_thr, category)
         keep = None
         if category is not None:
             items = [*self.gt.dataset["annotations"], *self.results]

@@ -14,7 +14,7 @@ API (all JSON; errors are ``{"error": message}`` with a 4xx status):
 - ``GET /api/categories?iou_type=``: per-category AP, worst first.
 - ``GET /api/pr?iou_type=&category=``: precision-recall curves per IoU threshold.
 - ``GET /api/images?iou_type=&category=&score_thr=``: images by missed objects plus false
-  positives at IoU 0.5, most first.
+  positives at IoU 0.5, most first (of one category: the images with it, its errors).
 - ``GET /api/images/{id}``: one image's ground truth and predictions.
 - ``GET /api/images/{id}/file``: the image file itself.
 """

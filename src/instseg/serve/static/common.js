@@ -137,9 +137,16 @@ function drawInstances(canvas, image, width, height, instances, names, show) {
   }
 }
 
-// Fills the nav bar's links from /api/info: only the pages this server has.
+// /api/info, with the nav bar's links to the pages this server has; null (and the error in
+// #message) when the server cannot be reached.
 async function loadInfo() {
-  const info = await api("/api/info");
+  let info;
+  try {
+    info = await api("/api/info");
+  } catch (err) {
+    showMessage(document.getElementById("message"), err.message, true);
+    return null;
+  }
   const predictLink = document.getElementById("nav-predict");
   const evaluationLink = document.getElementById("nav-evaluation");
   if (predictLink && !info.predict) predictLink.classList.add("disabled");

@@ -193,12 +193,8 @@ async function refresh() {
 }
 
 async function start() {
-  try {
-    state.info = await loadInfo();
-  } catch (err) {
-    showMessage($("message"), err.message, true);
-    return;
-  }
+  state.info = await loadInfo();
+  if (!state.info) return;
   const evaluation = state.info.evaluation;
   if (!evaluation) {
     showMessage(

@@ -112,12 +112,8 @@ function setThreshold(value) {
 }
 
 async function start() {
-  try {
-    state.info = await loadInfo();
-  } catch (err) {
-    showMessage($("message"), err.message, true);
-    return;
-  }
+  state.info = await loadInfo();
+  if (!state.info) return;
   if (!state.info.predict) {
     showMessage($("message"), "No model is loaded: start `instseg serve` with --checkpoint.", true);
     $("drop").hidden = true;
