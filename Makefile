@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# pytest-xdist workers of make test; each gets cores / workers torch threads (tests/conftest.py).
+TEST_WORKERS ?= 2
 
 .PHONY: demo test lint format bench clean chromium
 
@@ -32,7 +34,7 @@ chromium:
 test: $(STAMP) chromium
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

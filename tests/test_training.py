@@ -70,6 +70,17 @@ COMMON = [
     "train.schedule.base_lr=0.02",
 ]
 ITERS = 8
+# One-stage detectors train longer: most of their loss (GIoU, centerness, Dice) moves slowly
+# in a few steps while the focal term swings at lr 0.02 without warmup, so that after 8 steps
+# CondInst's decrease on the real images depended on the float32 summation order (the thread
+# count: 0.88 of the start with 2 threads, 0.93 with 1); after 12 it is below 0.8 with both.
+ONE_STAGE_ITERS = 12
+
+
+def iterations(name: str) -> int:
+    return ONE_STAGE_ITERS if name.startswith(("fcos", "condinst")) else ITERS
+
+
 # Configs equal to another but for the schedule length, which the runs below override: they
 # would repeat their twin's run exactly (test_schedule_twins_differ_only_in_the_schedule).
 SCHEDULE_TWINS = {
@@ -118,12 +129,13 @@ RUNS = [
 def test_zoo_config_trains_with_finite_decreasing_loss(name, dataset, tmp_path):
     dataset = {"shapes": _shapes, "coco-val-6": _coco_val6}[dataset]
     ann, images = dataset(tmp_path / "data")
-    cfg = apply_overrides(get_config(name), [*narrow(name), *COMMON, f"train.max_iters={ITERS}"])
+    iters = iterations(name)
+    cfg = apply_overrides(get_config(name), [*narrow(name), *COMMON, f"train.max_iters={iters}"])
     cfg.num_classes = None  # take the dataset's categories
     cfg.data.train_ann, cfg.data.train_images = str(ann), str(images)
     run_train(cfg, tmp_path / "work")
     log = [json.loads(x) for x in (tmp_path / "work" / "log.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in log] == list(range(1, ITERS + 1))
+    assert [r["iteration"] for r in log] == list(range(1, iters + 1))
     # Cascade stages name their losses s0.loss_cls ... (mmdet's names).
     losses = {k for k in log[0] if k.rsplit(".", 1)[-1].startswith("loss_")}
     with_mask = name.startswith(("mask", "refinemask", "condinst", "cascade", "torchvision_mask"))
@@ -131,7 +143,7 @@ def test_zoo_config_trains_with_finite_decreasing_loss(name, dataset, tmp_path):
     assert ("loss_centerness" in losses) == name.startswith(("fcos", "condinst"))
     assert ("loss_semantic" in losses) == (name.startswith("refinemask") and "faster" not in name)
     assert all(math.isfinite(r[k]) for r in log for k in [*losses, "total"])
-    # The end is a median of three: one spike of an 8-iteration run at lr 0.02 without
+    # The end is a median of three: one spike of a short run at lr 0.02 without
     # warmup (which some random streams give) does not fail the run by itself.
     first = statistics.mean(r["total"] for r in log[:3])
     last = statistics.median(r["total"] for r in log[-3:])
