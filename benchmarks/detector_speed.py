@@ -11,7 +11,9 @@ first stage frozen.
 Inference is measured twice: with each library's default score threshold (random weights give
 no detection above 0.05, so this is the network without the mask branch), and with both score
 thresholds at 0 so that each image ends with exactly ``--dets`` boxes and masks, as a trained
-model's inference does (mask head, pasting into the image).
+model's inference does (mask head, pasting into the image). Each timing alternates ours and
+torchvision's calls (median of ``--iters`` rounds), so that a machine whose speed drifts
+during the run does not favour the one measured first.
 
     python benchmarks/detector_speed.py [--config mask_rcnn_r50_fpn_1x_coco] [--device cpu]
         [--batch 2] [--iters 3] [--dets 100] [--json FILE]
@@ -26,7 +28,7 @@ import sys
 
 import torch
 
-from _timing import median_seconds  # sibling module of this script
+from _timing import interleaved_median_seconds  # sibling module of this script
 from instseg.configs import get_config
 from instseg.configs.overrides import set_value
 from instseg.runner import build_model
@@ -120,20 +122,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return run
 
-    def speed_row(impl: str, train, infer_default, infer_dets, counts) -> dict:
-        """One table row: the three timings (medians) and the last detection counts."""
-        return {
-            "impl": impl,
-            "train_it_per_s": 1 / median_seconds(train, device, args.iters),
-            "infer_img_per_s": args.batch / median_seconds(infer_default, device, args.iters),
-            "infer_dets_img_per_s": args.batch / median_seconds(infer_dets, device, args.iters),
-            "dets_per_image": counts[-1],
-        }
-
+    # Per implementation (ours first): its name, train step, inference, inference with --dets.
     ours_counts: list[list[int]] = []
-    rows = [
-        speed_row("instseg", train_step, infer(model), infer(model_many, ours_counts), ours_counts)
-    ]
+    impls = [("instseg", train_step, infer(model), infer(model_many, ours_counts))]
+    counts = [ours_counts]
 
     tv = torchvision_model(device, None)
     tv_many = torchvision_model(device, args.dets)
@@ -168,11 +160,24 @@ def main(argv: list[str] | None = None) -> int:
             return run
 
         tv_counts: list[list[int]] = []
-        rows.append(
-            speed_row(
-                "torchvision", tv_train, tv_infer(tv), tv_infer(tv_many, tv_counts), tv_counts
-            )
-        )
+        impls.append(("torchvision", tv_train, tv_infer(tv), tv_infer(tv_many, tv_counts)))
+        counts.append(tv_counts)
+
+    # Each mode's calls alternate between the implementations (ours, theirs, ours, ...).
+    seconds = [
+        interleaved_median_seconds([impl[mode] for impl in impls], device, args.iters)
+        for mode in (1, 2, 3)
+    ]
+    rows = [
+        {
+            "impl": impl[0],
+            "train_it_per_s": 1 / seconds[0][i],
+            "infer_img_per_s": args.batch / seconds[1][i],
+            "infer_dets_img_per_s": args.batch / seconds[2][i],
+            "dets_per_image": counts[i][-1],
+        }
+        for i, impl in enumerate(impls)
+    ]
 
     print(
         f"{args.config} on {device}, batch {args.batch}, {HEIGHT}x1333, torch {torch.__version__}, "

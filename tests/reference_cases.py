@@ -56,8 +56,11 @@ PRROI = [
 # on) existed; channels-last only reorders float sums (test_models checks the two layouts
 # agree), so every case and run here keeps NCHW to stay comparable bit for bit.
 NCHW = "model.backbone.channels_last=false"
+# Likewise before the backbone's fold_norm (default on): folding the fixed norms into the
+# convs only rounds differently (test_backbone checks fold and no fold agree in float64).
+UNFOLDED = "model.backbone.fold_norm=false"
 # Low thresholds so that random weights give many detections with spread scores.
-TEST = ["model.roi_head.score_thr=0.01", NCHW]
+TEST = ["model.roi_head.score_thr=0.01", NCHW, UNFOLDED]
 
 CASES: dict[str, tuple[str, list[str]]] = {
     "faster_small": ("faster_rcnn_r18_fpn_small", TEST),
@@ -75,6 +78,7 @@ CASES: dict[str, tuple[str, list[str]]] = {
 
 RUN_OVERRIDES = [
     NCHW,
+    UNFOLDED,
     "data.train_scales=((128,80),(128,96))",
     "data.test_scale=(128,96)",
     "model.roi_head.sampler.num=64",

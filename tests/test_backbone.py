@@ -805,3 +805,95 @@ def test_a_detectron_pickle_asking_for_code_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"unsupported GLOBAL (posix|os)\.system"):
         ResNet(ResNetConfig(depth=50, weights=str(path)))
     assert not (tmp_path / "ran").exists()
+
+
+# ------------------------------------------------------------------ norms folded into convs
+
+
+def _eval_bn_like(kind: str, channels: int, gen: torch.Generator) -> nn.Module:
+    norm = build_norm(kind, channels).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5)
+        norm.bias.copy_(torch.randn(channels, generator=gen, dtype=torch.float64))
+        norm.running_mean.copy_(torch.randn(channels, generator=gen, dtype=torch.float64))
+        norm.running_var.copy_(torch.rand(channels, generator=gen, dtype=torch.float64) + 0.1)
+    return norm.eval()
+
+
+@pytest.mark.parametrize("kind", ["FrozenBN", "BN", "SyncBN"])
+@pytest.mark.parametrize(
+    ("kernel", "stride", "bias", "channels_last"),
+    [(3, 1, False, False), (3, 2, True, False), (1, 2, False, True), (7, 2, False, False)],
+)
+def test_conv_norm_equals_the_norm_after_the_conv_with_its_gradients(
+    kind, kernel, stride, bias, channels_last
+):
+    """Folded and unfolded in float64: the same outputs, and the same gradients for the
+    input, the conv's weight and bias and the (trainable) norm weight and bias."""
+    from instseg.layers import conv_norm
+    from instseg.modeling.backbone.resnet import _Conv1x1
+
+    gen = torch.Generator().manual_seed(kernel * 10 + stride)
+    conv_type = _Conv1x1 if kernel == 1 else nn.Conv2d
+    conv = conv_type(6, 5, kernel, stride=stride, padding=kernel // 2, bias=bias).double()
+    norm = _eval_bn_like(kind, 5, gen)
+    x = torch.randn(3, 6, 17, 22, generator=gen, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grads = []
+    for fold in (False, True):
+        xi = x.clone().requires_grad_(True)
+        out = conv_norm(conv, norm, xi) if fold else norm(conv(xi))
+        weights = torch.randn(
+            out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype
+        )
+        (out * weights).sum().backward()
+        params = [p for p in (conv.weight, conv.bias, norm.weight, norm.bias) if p is not None]
+        params = [p for p in params if isinstance(p, nn.Parameter)]
+        grads.append([out.detach(), xi.grad, *(p.grad.clone() for p in params)])
+        for p in params:
+            p.grad = None
+    assert len(grads[1]) == len(grads[0]) >= 3
+    for folded, plain in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(folded, plain, rtol=1e-12, atol=1e-12)
+
+
+def test_norms_without_fixed_statistics_are_not_folded():
+    from instseg.layers import conv_norm, fixed_affine
+
+    gen = torch.Generator().manual_seed(3)
+    conv = nn.Conv2d(4, 32, 3, padding=1, bias=False).double()
+    x = torch.randn(2, 4, 9, 9, generator=gen, dtype=torch.float64)
+    training_bn = _eval_bn_like("BN", 32, gen).train()
+    assert fixed_affine(training_bn) is None and fixed_affine(build_norm("GN", 32)) is None
+    reference = _eval_bn_like("BN", 32, torch.Generator().manual_seed(3)).train()
+    reference.load_state_dict(training_bn.state_dict())
+    # Training-mode BN normalises by the batch and updates its running statistics as before.
+    torch.testing.assert_close(conv_norm(conv, training_bn, x), reference(conv(x)), rtol=0, atol=0)
+    torch.testing.assert_close(training_bn.running_mean, reference.running_mean, rtol=0, atol=0)
+    no_stats = nn.BatchNorm2d(32, track_running_stats=False).double().eval()
+    assert fixed_affine(no_stats) is None
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_resnet_with_folded_norms_equals_the_unfolded_one(depth):
+    """Whole backbones in float64, trained stages and frozen ones (norm_eval BN): features and
+    every parameter's gradient agree with the conv-then-norm order of the official code."""
+    nets = [tiny(depth, fold_norm=fold, frozen_stages=1) for fold in (False, True)]
+    randomise_(nets[0], seed=5)
+    nets[1].load_state_dict(nets[0].state_dict())
+    x = torch.randn(2, 3, H, W, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    results = []
+    for net in nets:
+        net.double().train()  # norm_eval: every BN stays in eval mode, and is folded
+        feats = net(x)
+        sum((f * f.detach().sign()).sum() for f in feats).backward()
+        grads = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+        results.append((feats, grads))
+    (feats_plain, grads_plain), (feats_folded, grads_folded) = results
+    for a, b in zip(feats_folded, feats_plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert grads_folded.keys() == grads_plain.keys()
+    assert any(n.endswith("bn1.weight") for n in grads_plain)  # trainable BN weights
+    for name, grad in grads_folded.items():
+        torch.testing.assert_close(grad, grads_plain[name], rtol=1e-9, atol=1e-9, msg=name)

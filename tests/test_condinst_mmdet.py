@@ -34,7 +34,11 @@ def _config(with_mask: bool) -> OneStageConfig:
     """Our config of the fixture's narrowed mmdet model."""
     mask = CondInstMaskHeadConfig(branch_channels=16, branch_convs=2) if with_mask else None
     return OneStageConfig(
-        backbone=ResNetConfig(depth=18, base_width=8, norm="BN", frozen_stages=1, norm_eval=True),
+        # mmdet's operation order (conv, then BN): folding the BN rounds differently, which
+        # reorders near-tied random-weight RPN scores.
+        backbone=ResNetConfig(
+            depth=18, base_width=8, norm="BN", frozen_stages=1, norm_eval=True, fold_norm=False
+        ),
         neck=FPNConfig(
             out_channels=16,
             num_outs=5,

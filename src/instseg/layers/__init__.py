@@ -5,7 +5,7 @@ from .conv_module import ACTIVATIONS, ConvModule, ConvModuleConfig
 from .generalized_attention import GeneralizedAttention, GeneralizedAttentionConfig
 from .init import WEIGHT_INITS, init_weight
 from .non_local import NonLocal2d, NonLocalConfig
-from .norm import NORM_KINDS, FrozenBatchNorm2d, build_norm
+from .norm import NORM_KINDS, FrozenBatchNorm2d, build_norm, conv_norm, fixed_affine
 
 __all__ = [
     "ACTIVATIONS",
@@ -20,5 +20,7 @@ __all__ = [
     "NonLocal2d",
     "NonLocalConfig",
     "build_norm",
+    "conv_norm",
+    "fixed_affine",
     "init_weight",
 ]

