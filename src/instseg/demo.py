@@ -19,13 +19,13 @@ from .engine import latest_checkpoint
 from .runner import run_predict, run_train
 
 # Shapes images are about 192x256; short side 256 keeps the smallest objects learnable.
-# 560 iterations of 4 images take about 7 minutes on 2 CPU cores (see the README).
+# 640 iterations of 4 images take about 5 minutes on our 2-core CPU (see the README).
 DEMO_OVERRIDES = [
     "data.train_scales=((416, 256),)",
     "data.test_scale=(416, 256)",
-    "train.max_iters=560",
-    "train.checkpoint_every=140",
-    "train.schedule.steps=(455, 525)",
+    "train.max_iters=640",
+    "train.checkpoint_every=160",
+    "train.schedule.steps=(520, 600)",
     "train.log_every=25",
 ]
 
