@@ -57,9 +57,8 @@ class FrozenBatchNorm2d(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        # One multiply-add per element: fold the statistics into a scale and a shift.
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
+        # One multiply-add per element: the statistics folded into a scale and a shift.
+        scale, shift = _scale_shift(self)
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return x * scale.view(shape).to(x.dtype) + shift.view(shape).to(x.dtype)
 
@@ -145,8 +144,11 @@ def fixed_affine(norm: nn.Module) -> tuple[Tensor, Tensor] | None:
         and norm.running_mean is not None
         and norm.running_var is not None
     )
-    if not fixed:
-        return None
+    return _scale_shift(norm) if fixed else None
+
+
+def _scale_shift(norm: nn.Module) -> tuple[Tensor, Tensor]:
+    """A BatchNorm's running statistics and affine terms as one per-channel scale and shift."""
     scale = (norm.running_var + norm.eps).rsqrt()
     if norm.weight is not None:
         scale = norm.weight * scale

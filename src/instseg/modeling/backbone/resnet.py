@@ -67,7 +67,7 @@ class ResNetConfig:
     mode: all of them with ``norm_eval``) into the conv before it, in training as at
     inference: the scale multiplies the weights and the shift is the bias, so no pass over
     the map applies them (R-50-FPN Mask R-CNN at 800x1333 on our 2-core CPU: training step
-    13% and inference 13% faster). Trainable norm weights still get their gradients. The
+    14% and inference 13% faster). Trainable norm weights still get their gradients. The
     numbers are the same up to float32 rounding; ``False`` keeps the official operation order
     (conv, then the norm), which the tests that compare with mmdetection's recorded outputs
     use, where near-tied random-weight scores would reorder.
