@@ -25,6 +25,8 @@ import argparse
 import copy
 import json
 import sys
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -35,6 +37,16 @@ from instseg.runner import build_model
 from instseg.structures import ImageBatch, ImageInfo, InstanceTargets
 
 HEIGHT, WIDTH = 800, 1344  # 1333 padded to a multiple of 32
+
+
+class Impl(NamedTuple):
+    """One implementation's timed calls, and the detection counts its --dets inference saw."""
+
+    name: str
+    train: Callable[[], None]
+    infer: Callable[[], None]
+    infer_dets: Callable[[], None]
+    counts: list[list[int]]
 
 
 def random_targets(batch: int, num_classes: int, device: torch.device) -> list[InstanceTargets]:
@@ -122,10 +134,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return run
 
-    # Per implementation (ours first): its name, train step, inference, inference with --dets.
     ours_counts: list[list[int]] = []
-    impls = [("instseg", train_step, infer(model), infer(model_many, ours_counts))]
-    counts = [ours_counts]
+    impls = [Impl("instseg", train_step, infer(model), infer(model_many, ours_counts), ours_counts)]
 
     tv = torchvision_model(device, None)
     tv_many = torchvision_model(device, args.dets)
@@ -160,21 +170,22 @@ def main(argv: list[str] | None = None) -> int:
             return run
 
         tv_counts: list[list[int]] = []
-        impls.append(("torchvision", tv_train, tv_infer(tv), tv_infer(tv_many, tv_counts)))
-        counts.append(tv_counts)
+        impls.append(
+            Impl("torchvision", tv_train, tv_infer(tv), tv_infer(tv_many, tv_counts), tv_counts)
+        )
 
     # Each mode's calls alternate between the implementations (ours, theirs, ours, ...).
-    seconds = [
-        interleaved_median_seconds([impl[mode] for impl in impls], device, args.iters)
-        for mode in (1, 2, 3)
-    ]
+    def timed(mode: str) -> list[float]:
+        return interleaved_median_seconds([getattr(i, mode) for i in impls], device, args.iters)
+
+    train_s, infer_s, infer_dets_s = timed("train"), timed("infer"), timed("infer_dets")
     rows = [
         {
-            "impl": impl[0],
-            "train_it_per_s": 1 / seconds[0][i],
-            "infer_img_per_s": args.batch / seconds[1][i],
-            "infer_dets_img_per_s": args.batch / seconds[2][i],
-            "dets_per_image": counts[i][-1],
+            "impl": impl.name,
+            "train_it_per_s": 1 / train_s[i],
+            "infer_img_per_s": args.batch / infer_s[i],
+            "infer_dets_img_per_s": args.batch / infer_dets_s[i],
+            "dets_per_image": impl.counts[-1],
         }
         for i, impl in enumerate(impls)
     ]

@@ -26,11 +26,11 @@ META = json.loads(ref.META.read_text())
 
 @pytest.fixture(autouse=True)
 def recorded_thread_count():
-    """The recording's two threads: float32 sums are split by thread, and one thread (a
+    """The recording's thread count: float32 sums are split by thread, and one thread (a
     pytest-xdist worker's share of two cores) moves a box by 1.3e-4 px and flips 7 mask
     pixels, beyond the tolerances below, which are those of another CPU."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(ref.RECORDED_THREADS)
     yield
     torch.set_num_threads(threads)
 
