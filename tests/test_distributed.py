@@ -28,7 +28,14 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from instseg.cli import main
-from instseg.engine.distributed import DistEnv, environment, gather_to_main, shard
+from instseg.engine.distributed import (
+    DistEnv,
+    environment,
+    gather_to_main,
+    init_process_group,
+    leave_process_group,
+    shard,
+)
 from instseg.engine.trainer import micro_batches, split_evenly
 from instseg.errors import DistributedError
 from instseg.layers.norm import SyncBatchNorm2d
@@ -102,9 +109,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _syncbn_rank(rank: int, world: int, port: int, out: str) -> None:
+def _join(rank: int, world: int, port: int) -> None:
+    """Join a gloo group of ``world`` processes on this machine, as the commands do."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_process_group(DistEnv(rank, world, rank, "torchrun"), "cpu", timeout_s=120)
+
+
+def _syncbn_rank(rank: int, world: int, port: int, out: str) -> None:
+    _join(rank, world, port)
     try:
         torch.manual_seed(0)
         x = torch.randn(4, 3, 5, 6, dtype=torch.float64) * 3 + 2
@@ -127,7 +139,7 @@ def _syncbn_rank(rank: int, world: int, port: int, out: str) -> None:
             Path(out) / f"rank{rank}.pt",
         )
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 def test_syncbn_across_two_processes_equals_batchnorm_over_the_whole_batch(tmp_path) -> None:
@@ -170,8 +182,8 @@ def _poisoned_rank(rank: int, world: int, port: int, out: str) -> None:
     from instseg.engine import train
     from test_engine import ToyDataset, _cfg, _model
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    _join(rank, world, port)
+    group = dist.group.WORLD
     model = _model()
 
     def poison(iteration: int, values: dict) -> None:
@@ -183,8 +195,11 @@ def _poisoned_rank(rank: int, world: int, port: int, out: str) -> None:
     except FloatingPointError as exc:
         message = f"FloatingPointError: {exc}"
     finally:
-        dist.destroy_process_group()
-    (Path(out) / f"rank{rank}.txt").write_text(message)
+        leave_process_group()
+    # References to the group left after leaving it, besides `group` and getrefcount's own:
+    # any would keep gloo's threads running into interpreter shutdown (init_process_group).
+    holders = sys.getrefcount(group) - 2
+    (Path(out) / f"rank{rank}.txt").write_text(f"{message}\nholders={holders}")
 
 
 def test_a_nan_loss_on_one_rank_stops_every_rank_with_the_reason(tmp_path) -> None:
@@ -193,6 +208,8 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_with_the_reason(tmp_path) -> No
         message = (tmp_path / f"rank{rank}.txt").read_text()
         assert message.startswith("FloatingPointError: non-finite loss at iteration 3"), message
         assert "loss_mask=nan" in message
+        # DDP did not keep the group alive: leaving it freed it and joined its threads.
+        assert message.endswith("holders=0"), message
     # Nothing was saved on the way, and nothing half-written is left.
     assert not list((tmp_path / "work").glob("*.safetensors"))
 

@@ -16,6 +16,7 @@ under DDP is the next step.
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -95,9 +96,19 @@ def init_process_group(
     env: DistEnv, device: str = "cpu", timeout_s: float = DEFAULT_TIMEOUT_S
 ) -> None:
     """Join the default process group of ``env``: NCCL for CUDA devices, gloo otherwise;
-    collectives fail after ``timeout_s`` seconds instead of hanging on a dead rank."""
+    collectives fail after ``timeout_s`` seconds instead of hanging on a dead rank.
+
+    ``torch._dynamo`` is imported first. DDP imports it, and an import made while the
+    default group exists keeps about ten references to the group for good, so that
+    :func:`leave_process_group` cannot free it: gloo's worker threads then live into
+    interpreter shutdown, where one still releasing the last collective's tensors (which
+    takes the GIL) aborts the process ("terminate called without an active exception",
+    seen under load after a NaN stop). Imported before, it holds none, and leaving the
+    group joins the threads.
+    """
     if dist.is_initialized():
         return
+    importlib.import_module("torch._dynamo")
     backend = "nccl" if str(device).startswith("cuda") else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(env.local_rank)
