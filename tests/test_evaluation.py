@@ -221,6 +221,27 @@ def test_parity_with_pycocotools_summarize(synthetic, iou_type):
         assert ours[iou_type][key] == pytest.approx(ref[i] * 100, abs=1e-9), key
 
 
+def test_annotation_id_0_is_matched_like_any_other(synthetic):
+    """pycocotools marks "unmatched" with id 0, so a detection matched to annotation 0 counts
+    as a false positive there; our evaluation gives a 0-based ground truth the AP that
+    pycocotools gives the same ground truth numbered from 1."""
+    dataset, dets = synthetic
+    lowest = min(a["id"] for a in dataset["annotations"])
+    from_zero = copy.deepcopy(dataset)
+    for ann in from_zero["annotations"]:
+        ann["id"] -= lowest + 7  # ids from -7: 0 is one of them, and negative ones too
+    assert 0 in {a["id"] for a in from_zero["annotations"]}
+    gt = coco_of(from_zero)
+    for iou_type in ("bbox", "segm"):
+        right = reference_stats(dataset, dets, iou_type)
+        # The case bites: pycocotools' own AP on the 0-based ids is lower.
+        assert reference_stats(from_zero, dets, iou_type)[0] < right[0]
+        ours = evaluate_coco(gt, copy.deepcopy(dets), iou_types=(iou_type,))[iou_type]
+        for i, key in enumerate(STAT_KEYS):
+            assert ours[key] == pytest.approx(right[i] * 100, abs=1e-9), key
+    assert gt.dataset["annotations"] == from_zero["annotations"]  # not renumbered in place
+
+
 def test_results_are_not_mutated_and_both_types_at_once(synthetic):
     dataset, dets = synthetic
     before = copy.deepcopy(dets)

@@ -313,6 +313,33 @@ def test_per_image_errors_and_pr_curves_on_known_results(tmp_path):
     np.testing.assert_allclose(np.array(got["precision"], dtype=float), expected, atol=1e-12)
 
 
+def test_a_ground_truth_numbered_from_0_is_matched_in_full(tmp_path):
+    """Annotation 0 is matched like any other (pycocotools reads a match to id 0 as none),
+    and the image browser still shows the file's own ids."""
+    from instseg.data import ShapesConfig, generate_shapes
+
+    ann = generate_shapes(
+        tmp_path,
+        ShapesConfig(num_images=2, image_size=(64, 80), max_size=30, size_jitter=0.0, seed=2),
+        "v",
+    )
+    gt = json.loads(ann.read_text())
+    for i, a in enumerate(gt["annotations"]):
+        a["id"] = i
+    ann.write_text(json.dumps(gt))
+    results_path = tmp_path / "results.json"
+    results_path.write_text(json.dumps(_perfect_results(gt)))
+    view = EvaluationView(ann, results_path)
+    for iou_type in ("bbox", "segm"):
+        errors = view.image_errors(iou_type, 0.5)
+        assert sum(e.errors for e in errors.values()) == 0
+        assert sum(e.num_gt for e in errors.values()) == len(gt["annotations"])
+        assert all(row["AP"] == pytest.approx(100.0) for row in view.category_ap(iou_type))
+    first = gt["annotations"][0]
+    shown = view.image_detail(first["image_id"])["ground_truth"]
+    assert 0 in {item["id"] for item in shown}
+
+
 def test_bad_evaluation_inputs_name_the_problem(tmp_path):
     from instseg.data import DataError, ShapesConfig, generate_shapes
 

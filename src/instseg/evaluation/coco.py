@@ -290,15 +290,31 @@ def _silent(*args: Any, **kwargs: Any) -> None:
     """faster-coco-eval's ``print_function``: no progress output."""
 
 
+def matchable_annotations(annotations: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``annotations`` with every id at least 1, for matching.
+
+    pycocotools and faster-coco-eval record a detection's match as the matched annotation's
+    id, 0 meaning "unmatched": a detection matched to annotation 0 counts as a false positive
+    and lowers AP (mmdet's Cityscapes json numbers annotations from 0). When an id is below 1,
+    copies with every id shifted up by the same amount are returned (distinct, same order);
+    otherwise ``annotations`` itself."""
+    lowest = min((ann["id"] for ann in annotations), default=1)
+    if lowest >= 1:
+        return annotations
+    return [{**ann, "id": ann["id"] + 1 - lowest} for ann in annotations]
+
+
 def fast_gt_copy(dataset: dict[str, Any]) -> faster_coco_eval.COCO:
     """The ground truth ``dataset`` as a faster-coco-eval ``COCO``, built from copies of
     every image, category and annotation dict (its ``evaluate`` writes ``rle`` /
-    ``boundary`` / ``ignore`` into the annotation dicts)."""
+    ``boundary`` / ``ignore`` into the annotation dicts), annotation ids made matchable
+    (:func:`matchable_annotations`)."""
     fast_gt = faster_coco_eval.COCO(print_function=_silent)
+    annotations = matchable_annotations(dataset.get("annotations", []))
     fast_gt.dataset = {
         "images": [dict(img) for img in dataset["images"]],
         "categories": [dict(cat) for cat in dataset["categories"]],
-        "annotations": [dict(ann) for ann in dataset.get("annotations", [])],
+        "annotations": [dict(ann) for ann in annotations],
     }
     fast_gt.createIndex()
     return fast_gt

@@ -32,6 +32,8 @@ from instseg.evaluation.coco import (
     fast_evaluator,
     fast_gt_copy,
     load_coco,
+    load_coco_dict,
+    matchable_annotations,
 )
 from instseg.evaluation.score import evaluate_results
 
@@ -202,8 +204,13 @@ class EvaluationView:
             for r in self.results
         ]
         with _QUIET_LOCK, contextlib.redirect_stdout(io.StringIO()):
-            dt = self.gt.loadRes(copies) if copies else _empty_like(self.gt)
-            evaluator = COCOeval(self.gt, dt, iou_type)
+            annotations = self.gt.dataset["annotations"]
+            matchable = matchable_annotations(annotations)
+            gt = self.gt
+            if matchable is not annotations:
+                gt = load_coco_dict({**self.gt.dataset, "annotations": matchable}, "ground truth")
+            dt = gt.loadRes(copies) if copies else _empty_like(gt)
+            evaluator = COCOeval(gt, dt, iou_type)
             evaluator.params.iouThrs = np.array([0.5])
             evaluator.params.areaRng = [[0, 1e10]]
             evaluator.params.areaRngLbl = ["all"]
