@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .configs.schema import ExperimentConfig
 from .modeling.condinst import aligned_bilinear
 from .modeling.roi.extractor import map_roi_levels
 from .ops import nms as _nms
@@ -237,7 +238,7 @@ def _roi_extractor(extractor: nn.Module, what: str) -> nn.Module:
     """The export form of a RoI extractor: single-level or GRoIE, RoIAlign only."""
     cfg = extractor.cfg
     _check(cfg.op == "roi_align", f"{what}: the RoI op {cfg.op!r} cannot be exported")
-    kind = getattr(cfg, "kind", "single")
+    kind = cfg.kind
     if kind == "generic":
         return _GRoIE(extractor)
     _check(kind == "single", f"{what}: the {kind!r} RoI extractor cannot be exported")
@@ -421,7 +422,7 @@ class _TwoStageGraph(nn.Module):
         self.rpn = _RPN(model.rpn_head)
         roi_head = model.roi_head
         self.settings = roi_head.cfg
-        kind = getattr(roi_head.cfg, "kind", "standard")
+        kind = roi_head.cfg.kind
         _check(kind in ("standard", "cascade"), f"the {kind!r} RoI head cannot be exported")
         _check(
             not pasted or roi_head.cfg.mask_paste == "grid_sample",
@@ -444,7 +445,7 @@ class _TwoStageGraph(nn.Module):
             if not isinstance(heads, nn.ModuleList):
                 heads, extractors = [heads], [extractors]
             for head in heads:
-                mask_kind = getattr(head.cfg, "kind", "fcn")
+                mask_kind = head.cfg.kind
                 _check(
                     mask_kind in ("fcn", "refinemask"),
                     f"the {mask_kind!r} mask head cannot be exported"
@@ -522,7 +523,7 @@ class _TwoStageGraph(nn.Module):
     @staticmethod
     def _mask_probs(head, extractor, feats, boxes: Tensor, labels: Tensor) -> Tensor:
         roi_feats = extractor(feats, boxes)
-        if getattr(head.cfg, "kind", "fcn") == "refinemask":
+        if head.cfg.kind == "refinemask":
             return _refinemask_probs(head, feats, roi_feats, boxes, labels)
         return _select_class(head(roi_feats), labels).sigmoid()
 
@@ -745,7 +746,7 @@ def _quiet_exporter():
 
 
 def export_graph(
-    model: nn.Module, cfg, category_ids: Sequence[int], pasted_masks: bool = False
+    model: nn.Module, cfg: ExperimentConfig, category_ids: Sequence[int], pasted_masks: bool = False
 ) -> nn.Module:
     """The export wrapper of ``model`` (eval mode): one ``(3, H, W)`` image in, the graph's
     outputs out. Raises :class:`ExportError` naming a part that cannot be exported."""
@@ -766,7 +767,7 @@ def export_graph(
 
 def export_onnx(
     model: nn.Module,
-    cfg,
+    cfg: ExperimentConfig,
     categories: Sequence,
     out: str | Path,
     image_size: tuple[int, int] | None = None,
@@ -827,7 +828,7 @@ def export_onnx(
     onnx.checker.check_model(str(out), full_check=True)
     report = ExportReport(
         out,
-        getattr(cfg, "name", "") or type(model).__name__,
+        cfg.name or type(model).__name__,
         ["image"],
         output_names,
         dynamic,
