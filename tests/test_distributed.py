@@ -1,9 +1,13 @@
-"""Distributed pieces (issue 17, in progress) on CPU with gloo and 2 processes.
+"""Distributed pieces on CPU with gloo and 2 processes.
 
 - The launch environment (torchrun, srun) is read from its variables; errors name them.
 - SyncBN across 2 processes equals BatchNorm over the concatenated batch: outputs, input
   and parameter gradients, running statistics (the reference is ``nn.BatchNorm2d`` in one
   process, not the code under test).
+- 2 processes train every detector kind as 1 process with the whole batch.
+- A NaN on one rank stops every rank with the reason, and leaving the group frees it.
+- SIGTERM to torchrun saves one checkpoint and the resume continues exactly; a killed rank
+  ends the run, naming it.
 - ``torchrun --nproc-per-node 2 -m instseg eval`` writes the same metrics and results json as
   one process.
 """

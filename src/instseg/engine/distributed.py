@@ -1,16 +1,15 @@
-"""Data-parallel runs with PyTorch's own distributed stack (issue 17, in progress).
+"""Data-parallel runs with PyTorch's own distributed stack.
 
 ``torchrun`` (one node or many) and SLURM's ``srun`` start one process per device and tell
 each its place through environment variables; :func:`environment` reads them and
 :func:`init_process_group` joins the default process group (NCCL on GPU, gloo on CPU) with a
 timeout, so a rank that dies ends the others with an error instead of a hang. The helpers
 below are what the commands need on top: which rank writes, how a dataset is split across
-ranks, how per-rank results come back to rank 0.
+ranks, how per-rank results come back to rank 0, and leaving the group at the end.
 
-What exists so far: the environment, the process group, sharding and gathering, distributed
-evaluation (:func:`instseg.engine.inference.evaluate_model` shards the images and scores on
-rank 0) and a CPU-capable SyncBN (:class:`instseg.layers.norm.SyncBatchNorm2d`). Training
-under DDP is the next step.
+Training under DDP is :mod:`instseg.engine.trainer`'s; distributed evaluation is
+:func:`instseg.engine.inference.evaluate_model` (it shards the images and scores on rank 0);
+the CPU-capable SyncBN is :class:`instseg.layers.norm.SyncBatchNorm2d`.
 """
 
 from __future__ import annotations
