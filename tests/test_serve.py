@@ -153,6 +153,58 @@ def test_bad_uploads_get_a_4xx_with_a_message(run):
         assert response.status_code == 404 and "--work-dir" in response.json()["error"]
 
 
+def test_a_chunked_upload_is_cut_off_at_the_limit(run):
+    """Without a Content-Length the body is counted as it arrives: the server answers 413
+    after about the limit, not after spooling the whole 8 MB (driven at the ASGI level, as
+    a server hands chunks over; the test client would send the body in one piece)."""
+    import anyio
+
+    limits = UploadLimits(max_bytes=60_000)
+    app = build_app(resolve_sources(checkpoint=str(run / "model_final.safetensors")), limits=limits)
+    head = (
+        b"--b\r\nContent-Disposition: form-data; name=image; filename=x.png\r\n"
+        b"Content-Type: image/png\r\n\r\n"
+    )
+    chunk, count = 16384, 512  # 8 MiB of file content
+    sent, replies = [], []
+
+    async def receive():
+        if not sent:
+            sent.append(len(head))
+            return {"type": "http.request", "body": head, "more_body": True}
+        if len(sent) <= count:
+            sent.append(chunk)
+            return {"type": "http.request", "body": bytes(chunk), "more_body": True}
+        return {"type": "http.request", "body": b"\r\n--b--\r\n", "more_body": False}
+
+    async def send(message):
+        replies.append(message)
+
+    scope = {
+        "type": "http",
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/api/predict",
+        "raw_path": b"/api/predict",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"multipart/form-data; boundary=b")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+
+    async def call():
+        await app(scope, receive, send)
+
+    anyio.run(call)
+    start = next(m for m in replies if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in replies if m["type"] == "http.response.body")
+    assert start["status"] == 413, body
+    assert b"upload too large" in body
+    assert sum(sent) <= limits.max_bytes + 65536 + chunk  # read up to the limit, no further
+
+
 # ---------------------------------------------------------------------------- evaluation API
 
 

@@ -35,6 +35,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import Message
 
 from instseg.data.coco import DataError, decode_image
 from instseg.evaluation import instances_to_coco_results
@@ -129,11 +130,15 @@ def create_app(
         if predictor is None:
             raise ApiError(404, "no model loaded: start serve with --checkpoint")
         score_thr = _float_param(request, "score_thr", predictor.min_score, 0.0, 1.0)
+        # The form's own fields and boundaries may add this much to the file's bytes.
+        max_body = limits.max_bytes + 65536
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limits.max_bytes + 65536:
+        if length is not None and length.isdigit() and int(length) > max_body:
             raise ApiError(413, f"upload too large: {int(length)} bytes, limit {limits.max_bytes}")
         try:
-            form = await request.form(max_files=1, max_fields=4)
+            form = await _body_limited(request, max_body).form(max_files=1, max_fields=4)
+        except ApiError:
+            raise
         except Exception as exc:  # malformed multipart bodies
             raise ApiError(400, f"not a multipart form upload: {exc}") from exc
         upload = form.get("image")
@@ -222,6 +227,24 @@ def create_app(
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     return Starlette(routes=routes, exception_handlers={ApiError: api_error})
+
+
+def _body_limited(request: Request, max_bytes: int) -> Request:
+    """``request`` whose body stops with a 413 once more than ``max_bytes`` have arrived: a
+    chunked upload has no Content-Length to refuse it by, and would otherwise be spooled
+    whole before its size is known."""
+    received = 0
+
+    async def receive() -> Message:
+        nonlocal received
+        message = await request.receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > max_bytes:
+                raise ApiError(413, f"upload too large: over {max_bytes} bytes received")
+        return message
+
+    return Request(request.scope, receive)
 
 
 def _float_param(request: Request, name: str, default: float, lo: float, hi: float) -> float:
