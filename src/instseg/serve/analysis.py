@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from instseg.data.coco import DataError
@@ -195,6 +196,17 @@ class EvaluationView:
             errors[image_id] = ImageErrors(image_id, num_gt, num_dt, missed, false_positives)
         return errors
 
+    @functools.cached_property
+    def _match_gt(self) -> COCO:
+        """The ground truth for matching: ``self.gt``, or (annotation ids below 1) a copy
+        with matchable ids (:func:`matchable_annotations`), built once for every IoU type;
+        ``self.gt`` keeps the file's ids for display."""
+        annotations = self.gt.dataset["annotations"]
+        matchable = matchable_annotations(annotations)
+        if matchable is annotations:
+            return self.gt
+        return load_coco_dict({**self.gt.dataset, "annotations": matchable}, str(self.ann_path))
+
     @functools.lru_cache(maxsize=4)  # noqa: B019 - one view per server, a handful of keys
     def _matches(self, iou_type: str) -> dict[int, list[dict[str, np.ndarray]]]:
         """pycocotools' matching at IoU 0.5 (area all, ``MAX_DETS`` per image), per image and
@@ -204,11 +216,7 @@ class EvaluationView:
             for r in self.results
         ]
         with _QUIET_LOCK, contextlib.redirect_stdout(io.StringIO()):
-            annotations = self.gt.dataset["annotations"]
-            matchable = matchable_annotations(annotations)
-            gt = self.gt
-            if matchable is not annotations:
-                gt = load_coco_dict({**self.gt.dataset, "annotations": matchable}, "ground truth")
+            gt = self._match_gt  # built under the lock: loading swaps stdout too
             dt = gt.loadRes(copies) if copies else _empty_like(gt)
             evaluator = COCOeval(gt, dt, iou_type)
             evaluator.params.iouThrs = np.array([0.5])
@@ -335,8 +343,6 @@ def _at(by_threshold: dict[float, np.ndarray], threshold: float) -> np.ndarray:
 
 def _empty_like(gt):
     """An empty result set for ``gt`` (pycocotools' ``loadRes`` needs one result)."""
-    from pycocotools.coco import COCO
-
     dt = COCO()
     dt.dataset = {"images": gt.dataset["images"], "categories": gt.dataset["categories"]}
     dt.dataset["annotations"] = []
